@@ -1,0 +1,202 @@
+"""Configuration: the base ConfigDict every config file starts from, validation, and loading.
+
+Config files in `configs/` call `base_config()` and override fields. `validate()` rejects impossible
+shapes with a message naming the field, before any array is built. Decisions the paper leaves open
+(SPEC "free choice") are documented next to their field.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import re
+
+import ml_collections
+
+REMAT_POLICIES = (
+    "none",  # no rematerialisation
+    "nothing_saveable",  # full remat: recompute the whole layer in the backward pass
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "save_attention_projections",  # keep q/k/v/o projections, recompute the rest
+)
+ATTENTION_IMPLS = ("auto", "exact", "xla", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")
+HEAD_COMBINE = ("sum", "max")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.name = "base"
+
+    m = cfg.model = ml_collections.ConfigDict()
+    m.vocab_size = 60299  # real tokens
+    m.vocab_multiple = 128  # embedding / LM head rows padded to a multiple of this (60299 -> 60416)
+    m.num_layers = 44
+    m.hidden_size = 3200
+    m.num_heads = 40
+    m.num_kv_heads = 8
+    m.head_dim = 80
+    m.mlp_dim = 3200
+    m.rope_theta = 10000.0  # free choice (SPEC 2)
+    m.norm_eps = 1e-5
+    m.tie_embeddings = False  # free choice; untied like Llama, so export is a pure mapping
+    m.init_std = 0.02
+    m.dtype = "bfloat16"  # compute dtype
+    m.param_dtype = "float32"
+    m.remat = "nothing_saveable"
+    m.scan_layers = True
+    m.attention = "auto"  # auto: cudnn on GPU, exact elsewhere
+    m.bos_id = 1
+    m.pad_id = 0
+
+    mem = cfg.memory = ml_collections.ConfigDict()
+    # Memory layers are the contiguous range [layer_start, layer_start + num_layers). The paper uses
+    # the first half (0..21 of 44); Remark 4 suggests the middle, which this range also expresses.
+    mem.layer_start = 0
+    mem.num_layers = 22
+    mem.chunk_len = 64  # context tokens per retrieval chunk
+    mem.refs_per_chunk = 5  # memories each chunk reads at inference
+    mem.tokens_per_head = 8  # tokens kept per layer and KV head (sparsification)
+    mem.reference_len = 128  # max tokens of a reference; also the shared position interval of memories
+    # `<s>Reference:` as token ids; set by the tokenizer (data issue). It starts every reference and,
+    # followed by the plain `<s>`, every context (the attention sink, SPEC 4).
+    mem.reference_prefix_ids = (1, 2, 3)
+    mem.head_combine = "sum"  # free choice: how the query heads of one KV group combine their scores
+    mem.train_refs_per_chunk = 1  # stage 2: each chunk retrieves 1 reference ...
+    mem.train_window = 5  # ... and reads the memories of chunks c-4..c
+    mem.grad_through_references = True
+    mem.vq_factory = "OPQ20x80-Residual2x14-PQ8x10"  # FAISS factory for quantized banks
+    # Reference count of the paper's bank. The paper writes 1.1e8; its three bank sizes
+    # (7.17 PiB / 45.9 TiB / 4.02 TiB) all imply 1.12e8, which is what is kept here.
+    mem.bank_references = 112_000_000
+
+    d = cfg.data = ml_collections.ConfigDict()
+    d.seq_len = 2048
+    return cfg
+
+
+def padded_vocab_size(model_cfg) -> int:
+    k = model_cfg.vocab_multiple
+    return -(-model_cfg.vocab_size // k) * k
+
+
+def memory_layer_range(cfg) -> range:
+    return range(cfg.memory.layer_start, cfg.memory.layer_start + cfg.memory.num_layers)
+
+
+def sink_len(cfg) -> int:
+    """Tokens in front of every context: `<s>Reference:` then the plain `<s>`."""
+    return len(cfg.memory.reference_prefix_ids) + 1
+
+
+def _positive(cfg, path: str) -> None:
+    value = cfg
+    for part in path.split("."):
+        value = value[part]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{path} must be a positive integer, got {value!r}")
+
+
+def validate(cfg) -> ml_collections.ConfigDict:
+    """Raise ConfigError naming the field if `cfg` cannot build a working model; return cfg."""
+    for section in ("model", "memory", "data"):
+        if section not in cfg:
+            raise ConfigError(f"config has no '{section}' section")
+    m, mem = cfg.model, cfg.memory
+    for f in ("vocab_size", "vocab_multiple", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
+              "head_dim", "mlp_dim"):
+        _positive(cfg, f"model.{f}")
+    for f in ("chunk_len", "refs_per_chunk", "tokens_per_head", "reference_len", "train_refs_per_chunk",
+              "train_window"):
+        _positive(cfg, f"memory.{f}")
+    _positive(cfg, "data.seq_len")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads "
+                          f"({m.num_kv_heads}): each KV head serves a whole group of query heads")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.head_dim ({m.head_dim}) must be even for RoPE")
+    if m.rope_theta <= 0 or m.norm_eps <= 0 or m.init_std <= 0:
+        raise ConfigError("model.rope_theta, model.norm_eps and model.init_std must be positive")
+    for f, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_POLICIES),
+                       ("attention", ATTENTION_IMPLS)):
+        if m[f] not in allowed:
+            raise ConfigError(f"model.{f} is {m[f]!r}; expected one of {', '.join(allowed)}")
+    if mem.head_combine not in HEAD_COMBINE:
+        raise ConfigError(f"memory.head_combine is {mem.head_combine!r}; expected one of {HEAD_COMBINE}")
+    if mem.layer_start < 0 or mem.num_layers < 0:
+        raise ConfigError("memory.layer_start and memory.num_layers must be >= 0")
+    if mem.layer_start + mem.num_layers > m.num_layers:
+        raise ConfigError(f"memory layers {mem.layer_start}..{mem.layer_start + mem.num_layers - 1} "
+                          f"(memory.layer_start={mem.layer_start}, memory.num_layers={mem.num_layers}) "
+                          f"go beyond the stack of model.num_layers={m.num_layers}")
+    if cfg.data.seq_len % mem.chunk_len:
+        raise ConfigError(f"memory.chunk_len ({mem.chunk_len}) must divide data.seq_len "
+                          f"({cfg.data.seq_len})")
+    if mem.tokens_per_head > mem.reference_len:
+        raise ConfigError(f"memory.tokens_per_head ({mem.tokens_per_head}) exceeds memory.reference_len "
+                          f"({mem.reference_len})")
+    opq = re.match(r"OPQ(\d+)(?:_\d+)?x(\d+)", mem.vq_factory)
+    if opq and int(opq.group(2)) != m.head_dim:
+        raise ConfigError(f"memory.vq_factory {mem.vq_factory!r} rotates {opq.group(2)}-dim vectors, but memory "
+                          f"vectors have model.head_dim={m.head_dim}")
+    ids = tuple(mem.reference_prefix_ids)
+    if not ids or ids[0] != m.bos_id:
+        raise ConfigError(f"memory.reference_prefix_ids {ids} must start with model.bos_id ({m.bos_id})")
+    for name, tok in [("model.bos_id", m.bos_id), ("model.pad_id", m.pad_id)] + [
+            (f"memory.reference_prefix_ids[{i}]", t) for i, t in enumerate(ids)]:
+        if not 0 <= tok < m.vocab_size:
+            raise ConfigError(f"{name} = {tok} is outside the vocabulary [0, {m.vocab_size})")
+    return cfg
+
+
+def load(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """Load `get_config()` from a config file (or a name in configs/), apply overrides, validate."""
+    file = resolve_path(path)
+    spec = importlib.util.spec_from_file_location(f"_m3jax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    for key, value in (overrides or {}).items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(f"unknown config field {key!r}")
+        node[leaf] = value
+    return validate(cfg)
+
+
+def configs_dir() -> pathlib.Path:
+    return pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_path(path: str) -> pathlib.Path:
+    """A config file path, or a bare name of a file in configs/ (`tiny`, `m3_2p4b`)."""
+    p = pathlib.Path(path)
+    if p.is_file():
+        return p
+    named = configs_dir() / (p.name if p.suffix == ".py" else p.name + ".py")
+    if named.is_file():
+        return named
+    names = sorted(f.stem for f in configs_dir().glob("*.py") if not f.stem.startswith("_"))
+    raise ConfigError(f"no config file {path!r}; built-in configs: {', '.join(names)}")
+
+
+def to_json(cfg) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def save_resolved(cfg, directory: str | os.PathLike) -> pathlib.Path:
+    out = pathlib.Path(directory) / "config.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(to_json(cfg))
+    tmp.replace(out)  # atomic: a crash never leaves a half-written config
+    return out

@@ -1,0 +1,86 @@
+"""Attention with explicit memory: one softmax over `[memory | sink | causal context]` keys.
+
+Kernels (all take one explicit boolean mask, so memory keys can sit anywhere among the keys):
+- `exact`: einsum + f32 softmax, GQA by grouping query heads; the reference path on any device.
+- `xla` / `cudnn`: `jax.nn.dot_product_attention` with the same mask. `is_causal` is never used: with
+  fewer queries than keys it aligns queries to the *start* of the keys, which is wrong once memory
+  keys are in front. Two attention calls are never merged through `return_residual`'s log-sum-exp:
+  it carries no gradient.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from m3jax.model.layers import Linear, apply_rope
+from m3jax.sharding import constrain
+
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def resolve_impl(impl: str, dtype) -> str:
+    """`auto` picks cuDNN on GPU for half-precision compute, the exact path otherwise."""
+    if impl != "auto":
+        return impl
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and jax.default_backend() == "gpu" else "exact"
+
+
+def exact_attention(q, k, v, mask):
+    """q: (B, Tq, Hq, D); k, v: (B, Tk, Hkv, D); mask: (B, 1, Tq, Tk) bool -> (B, Tq, Hq, D)."""
+    b, tq, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, tq, hkv, hq // hkv, d)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (d ** -0.5)
+    scores = jnp.where(mask[:, :, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, tq, hq, d).astype(q.dtype)
+
+
+def attend(q, k, v, mask, impl: str):
+    if impl == "exact":
+        return exact_attention(q, k, v, mask)
+    if impl in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    raise ValueError(f"unknown attention implementation {impl!r}")
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with HF Llama projections; at memory layers, memory keys join the softmax."""
+
+    def __init__(self, model_cfg, *, rngs):
+        m = model_cfg
+        kw = dict(std=m.init_std, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
+        dim, hq, hkv, hd = m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim
+        self.q_proj = Linear((dim,), (hq, hd), ("embed",), ("q_heads", "head_dim"), **kw)
+        self.k_proj = Linear((dim,), (hkv, hd), ("embed",), ("kv_heads", "head_dim"), **kw)
+        self.v_proj = Linear((dim,), (hkv, hd), ("embed",), ("kv_heads", "head_dim"), **kw)
+        self.o_proj = Linear((hq, hd), (dim,), ("q_heads", "head_dim"), ("embed",), **kw)
+        self.impl = resolve_impl(m.attention, m.dtype)
+
+    def __call__(self, x, cos, sin, mask, memory_kv=None, collect=False):
+        """x: (B, T, dim); mask: (B, 1, T, Nm + T); memory_kv: (k, v) each (B, Nm, Hkv, D) or None.
+
+        With `collect`, also returns (q, k) before RoPE and (k, v) after it, for memory writing.
+        """
+        q = constrain(checkpoint_name(self.q_proj(x), "attn_proj"),
+                      ("batch", "length", "heads", None))
+        k = constrain(checkpoint_name(self.k_proj(x), "attn_proj"),
+                      ("batch", "length", "kv_heads", None))
+        v = constrain(checkpoint_name(self.v_proj(x), "attn_proj"),
+                      ("batch", "length", "kv_heads", None))
+        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = k_rot, v
+        if memory_kv is not None:
+            mem_k, mem_v = memory_kv
+            keys = jnp.concatenate([mem_k.astype(k.dtype), k_rot], axis=1)
+            values = jnp.concatenate([mem_v.astype(v.dtype), v], axis=1)
+        if keys.shape[1] != mask.shape[-1]:
+            raise ValueError(f"attention mask covers {mask.shape[-1]} keys, but there are {keys.shape[1]}")
+        out = attend(q_rot, keys, values, mask, self.impl)
+        out = checkpoint_name(self.o_proj(out), "attn_proj")
+        return out, ((q, k, k_rot, v) if collect else None)

@@ -1,0 +1,189 @@
+"""Memory3: the decoder LM that reads explicit memories, and writes them from references.
+
+Layout of a context (free choice where SPEC 4 leaves it open, following the paper's Fig. 9):
+
+    position:  0 .. P-1             P .. P+R-1              P+R     P+R+1 ...
+    token:     <s>Reference:        [memory interval]       <s>     context tokens
+               (sink)               (keys of memories)      (sink)
+
+P = len(`<s>Reference:`), R = memory.reference_len. A reference is encoded alone as
+`<s>Reference:` + its tokens, so its token j sits at position P + j; its memory keys keep that
+position, and all memories of a chunk share the interval [P, P+R) (parallel positions). The sink
+is computed at every layer and seen by every query; it reads no memory, so it is the same for every
+context. `logits[:, t]` is the prediction for token t+1, as usual.
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from m3jax.config import memory_layer_range, padded_vocab_size, sink_len, validate
+from m3jax.model.layers import Linear, RMSNorm, param, rope_angles
+from m3jax.model.masks import context_mask, stream_mask
+from m3jax.model.sparsify import slot_valid
+from m3jax.model.transformer import LayerStack
+from m3jax.sharding import constrain
+
+
+@flax.struct.dataclass
+class MemoryInputs:
+    """The memories a batch of contexts reads.
+
+    kv: (B, C, R, memory_layers, 2, kv_heads, k, head_dim), the memories written for each chunk's
+        R references (as `write_memories` returns them), C = number of chunks of the context;
+    valid: (B, C, R, k) bool, False for padding slots (short references, missing retrievals);
+    window: chunk c reads the memories of chunks c-window+1 .. c (1 at inference, 5 in stage 2).
+    """
+    kv: jax.Array
+    valid: jax.Array
+    window: int = flax.struct.field(pytree_node=False, default=1)
+
+
+def _segments(cfg):
+    """(first_layer, num_layers, is_memory) runs of the stack: before, at and after the memory layers."""
+    mem = memory_layer_range(cfg)
+    runs = [(0, mem.start, False), (mem.start, len(mem), True), (mem.stop, cfg.model.num_layers - mem.stop, False)]
+    return [r for r in runs if r[1] > 0]
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+class Memory3(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        validate(cfg)
+        self.cfg = ml_collections.FrozenConfigDict(cfg)
+        m = cfg.model
+        self.dtype = jnp.dtype(m.dtype)
+        self.embed_tokens = param(rngs, nnx.initializers.normal(m.init_std), (padded_vocab_size(m), m.hidden_size),
+                                  ("vocab", "embed"), jnp.dtype(m.param_dtype))
+        self.layers = nnx.List([LayerStack(m, n, first, is_mem, rngs=rngs) for first, n, is_mem in _segments(cfg)])
+        self.norm = RMSNorm(m.hidden_size, eps=m.norm_eps, dtype=self.dtype, param_dtype=jnp.dtype(m.param_dtype),
+                            rngs=rngs)
+        if not m.tie_embeddings:
+            self.lm_head = Linear((m.hidden_size,), (padded_vocab_size(m),), ("embed",), ("vocab",),
+                                  std=m.init_std, dtype=self.dtype, param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
+
+    # ---- layout -------------------------------------------------------------------------------
+    def sink_ids(self):
+        return jnp.array(tuple(self.cfg.memory.reference_prefix_ids) + (self.cfg.model.bos_id,), jnp.int32)
+
+    def stream_positions(self, length: int):
+        """RoPE positions of `[sink | context of `length` tokens]`."""
+        p, r = len(self.cfg.memory.reference_prefix_ids), self.cfg.memory.reference_len
+        return jnp.concatenate([jnp.arange(p), jnp.array([p + r]), p + r + 1 + jnp.arange(length)])
+
+    # ---- reading ------------------------------------------------------------------------------
+    def __call__(self, tokens, *, memory: MemoryInputs | None = None, padding_mask=None):
+        """tokens: (B, T) ids; padding_mask: (B, T) bool, True for real tokens (right padding).
+
+        Returns logits (B, T, padded_vocab) in f32; logits[:, t] predicts tokens[:, t+1].
+        """
+        tokens = self._check_tokens(tokens, "tokens")
+        b, t = tokens.shape
+        s = sink_len(self.cfg)
+        if padding_mask is None:
+            padding_mask = jnp.ones((b, t), bool)
+        elif padding_mask.shape != (b, t):
+            raise ValueError(f"padding_mask has shape {padding_mask.shape}, expected {(b, t)} like tokens")
+        stream = jnp.concatenate([jnp.broadcast_to(self.sink_ids(), (b, s)), tokens], axis=1)
+        cos, sin = rope_angles(self.stream_positions(t), self.cfg.model.head_dim, self.cfg.model.rope_theta)
+        mask = context_mask(padding_mask, s, self.cfg.memory.chunk_len)
+        if memory is not None:
+            mem_k, mem_v, mem_chunk, mem_valid = self._memory_layout(memory, b, t)
+            mem_mask = context_mask(padding_mask, s, self.cfg.memory.chunk_len, (mem_chunk, mem_valid, memory.window))
+        h = self._embed(stream)
+        for seg in self.layers:
+            if seg.is_memory and memory is not None:
+                h, _ = seg(h, cos, sin, mem_mask, (mem_k, mem_v))
+            else:
+                h, _ = seg(h, cos, sin, mask)
+        return self._logits(self.norm(h[:, s:]))
+
+    def _memory_layout(self, memory: MemoryInputs, b: int, t: int):
+        """MemoryInputs -> per-layer keys/values (layers, B, Nm, Hkv, D), slot chunk ids, slot validity."""
+        m, mem = self.cfg.model, self.cfg.memory
+        chunks = -(-t // mem.chunk_len)
+        kv, valid = memory.kv, memory.valid
+        if kv.ndim != 8:
+            raise ValueError(f"memory.kv must have 8 axes (B, C, R, layers, 2, kv_heads, k, head_dim), got {kv.shape}")
+        want = (b, chunks, kv.shape[2], mem.num_layers, 2, m.num_kv_heads, kv.shape[6], m.head_dim)
+        if kv.shape != want:
+            raise ValueError(f"memory.kv has shape {kv.shape}; for {b} sequences of {t} tokens ({chunks} chunks "
+                             f"of {mem.chunk_len}) this model needs {want} (R references, k tokens free)")
+        if valid.shape != (b, chunks, kv.shape[2], kv.shape[6]):
+            raise ValueError(f"memory.valid has shape {valid.shape}, expected {(b, chunks, kv.shape[2], kv.shape[6])}")
+        if not isinstance(memory.window, int) or memory.window < 1:
+            raise ValueError(f"memory.window must be a positive int, got {memory.window!r}")
+        per_chunk = kv.shape[2] * kv.shape[6]
+        kv = jnp.transpose(kv, (3, 4, 0, 1, 2, 6, 5, 7))  # (layers, 2, B, C, R, k, Hkv, D)
+        kv = kv.reshape(mem.num_layers, 2, b, chunks * per_chunk, m.num_kv_heads, m.head_dim)
+        kv = constrain(kv, ("layers", None, "batch", "mem_length", "kv_heads", None))
+        mem_chunk = jnp.repeat(jnp.arange(chunks), per_chunk)
+        return kv[:, 0], kv[:, 1], mem_chunk, valid.reshape(b, chunks * per_chunk).astype(bool)
+
+    # ---- writing ------------------------------------------------------------------------------
+    def encode_references(self, ref_tokens, ref_lengths):
+        """Write memories: encode each reference alone after `<s>Reference:`, through the memory layers.
+
+        ref_tokens: (N, L) ids, L <= memory.reference_len, right-padded; ref_lengths: (N,) real tokens.
+        Returns (memories (N, memory_layers, 2, kv_heads, k, head_dim) in the compute dtype, with keys
+        after RoPE; slot validity (N, k)). Layers after the last memory layer are not run.
+        """
+        mem = self.cfg.memory
+        ref_tokens = self._check_tokens(ref_tokens, "ref_tokens")
+        n, length = ref_tokens.shape
+        if length > mem.reference_len:
+            raise ValueError(f"references have {length} tokens, more than memory.reference_len={mem.reference_len}")
+        if ref_lengths.shape != (n,):
+            raise ValueError(f"ref_lengths has shape {ref_lengths.shape}, expected ({n},)")
+        if _is_concrete(ref_lengths):
+            lengths = np.asarray(ref_lengths)
+            if lengths.min(initial=1) < 1 or lengths.max(initial=0) > length:
+                raise ValueError(f"ref_lengths must be in [1, {length}], got {lengths.min()}..{lengths.max()}")
+        prefix = jnp.array(mem.reference_prefix_ids, jnp.int32)
+        p = prefix.shape[0]
+        real = jnp.arange(length)[None, :] < ref_lengths[:, None]
+        token_valid = jnp.concatenate([jnp.zeros((n, p), bool), real], axis=1)  # start tokens excluded
+        key_valid = jnp.concatenate([jnp.ones((n, p), bool), real], axis=1)
+        index = jnp.arange(p + length)
+        mask = stream_mask(index, index, key_valid)
+        cos, sin = rope_angles(index, self.cfg.model.head_dim, self.cfg.model.rope_theta)
+        h = self._embed(jnp.concatenate([jnp.broadcast_to(prefix, (n, p)), ref_tokens], axis=1))
+        select = (token_valid, mem.tokens_per_head, mem.head_combine)
+        for seg in self.layers:
+            if seg.is_memory:
+                _, (keys, values) = seg(h, cos, sin, mask, select=select)  # (layers, N, Hkv, k, D)
+                memories = jnp.stack([keys, values], axis=2)  # (layers, N, 2, Hkv, k, D)
+                return jnp.moveaxis(memories, 1, 0), slot_valid(token_valid, mem.tokens_per_head)
+            h, _ = seg(h, cos, sin, mask)
+        raise ValueError("this config has no memory layers (memory.num_layers = 0)")
+
+    # ---- pieces -------------------------------------------------------------------------------
+    def _embed(self, ids):
+        h = jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.dtype)
+        return constrain(h, ("batch", "length", "embed"))
+
+    def _logits(self, h):
+        w = self.embed_tokens[...].T if self.cfg.model.tie_embeddings else self.lm_head.kernel[...]
+        logits = jnp.einsum("btd,dv->btv", h, w.astype(self.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))
+
+    def _check_tokens(self, tokens, name):
+        tokens = jnp.asarray(tokens) if not isinstance(tokens, jax.Array) else tokens
+        if tokens.ndim != 2:
+            raise ValueError(f"{name} must have shape (batch, length), got {tokens.shape}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f"{name} must be integer token ids, got dtype {tokens.dtype}")
+        if _is_concrete(tokens) and tokens.size:
+            bad = np.argwhere((np.asarray(tokens) < 0) | (np.asarray(tokens) >= self.cfg.model.vocab_size))
+            if len(bad):
+                i, j = bad[0]
+                raise ValueError(f"{name}[{i}, {j}] = {int(tokens[i, j])} is outside the vocabulary "
+                                 f"[0, {self.cfg.model.vocab_size}) ({len(bad)} such ids)")
+        return tokens.astype(jnp.int32)

@@ -1,0 +1,58 @@
+"""Attention masks of Memory3 (SPEC 4).
+
+The token stream of one sequence is `[sink | context]`: the sink is `<s>Reference:` followed by the
+plain `<s>`, the context is cut into chunks of `chunk_len` tokens. Keys are `[memory | stream]`.
+
+- stream keys: causal (key index <= query index) and not padding; the sink comes first, so every
+  query sees it at every layer;
+- memory keys (memory layers only): a context query of chunk c sees memory slot m when the slot is
+  valid and its source chunk s satisfies 0 <= c - s < window. At inference every chunk reads its own
+  retrieved references (window 1); in stage-2 training each chunk retrieves one reference and reads
+  those of chunks c-4..c (window 5). Sink queries see no memory, so the sink stays a constant.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def query_chunks(stream_index, sink_len: int, chunk_len: int):
+    """Chunk id of each stream position; -1 for sink positions (they read no memory)."""
+    rel = stream_index - sink_len
+    return jnp.where(rel >= 0, rel // chunk_len, -1)
+
+
+def stream_mask(q_index, k_index, key_valid):
+    """(B, 1, Tq, Tk) bool: causal over stream indices, padding keys removed.
+
+    q_index: (Tq,) stream index of each query; k_index: (Tk,) of each key; key_valid: (B, Tk).
+    """
+    causal = k_index[None, :] <= q_index[:, None]
+    return causal[None, None] & key_valid[:, None, None, :]
+
+
+def memory_mask(q_chunk, mem_chunk, mem_valid, window: int):
+    """(B, 1, Tq, Nm) bool: which memory slots each query reads.
+
+    q_chunk: (Tq,) chunk of each query (-1: none); mem_chunk: (Nm,) source chunk of each slot;
+    mem_valid: (B, Nm).
+    """
+    lag = q_chunk[:, None] - mem_chunk[None, :]
+    reads = (q_chunk[:, None] >= 0) & (lag >= 0) & (lag < window)
+    return reads[None, None] & mem_valid[:, None, None, :]
+
+
+def context_mask(padding_mask, sink_len: int, chunk_len: int, memory=None):
+    """The mask of a `[sink | context]` stream, (B, 1, S+T, Nm+S+T) with memory, else (B, 1, S+T, S+T).
+
+    padding_mask: (B, T) bool context padding; memory: None or (mem_chunk (Nm,), mem_valid (B, Nm), window).
+    Memory keys come first among the keys.
+    """
+    b, t = padding_mask.shape
+    index = jnp.arange(sink_len + t)
+    key_valid = jnp.concatenate([jnp.ones((b, sink_len), bool), padding_mask.astype(bool)], axis=1)
+    mask = stream_mask(index, index, key_valid)
+    if memory is None:
+        return mask
+    mem_chunk, mem_valid, window = memory
+    reads = memory_mask(query_chunks(index, sink_len, chunk_len), mem_chunk, mem_valid, window)
+    return jnp.concatenate([reads, mask], axis=-1)

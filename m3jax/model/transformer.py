@@ -1,0 +1,84 @@
+"""Decoder layers: a pre-norm Block, and LayerStack, a run of layers stacked on a leading axis and scanned.
+
+The model is a list of LayerStacks ("segments"): the memory layers form one segment, the layers
+before and after it others. Each segment is one `lax.scan` (or an unrolled loop) with the remat
+policy of the config; only the memory segment receives memory keys.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m3jax.model.attention import Attention
+from m3jax.model.layers import MLP, RMSNorm
+from m3jax.model.sparsify import select_tokens
+from m3jax.sharding import constrain
+
+
+class Block(nnx.Module):
+    def __init__(self, model_cfg, *, rngs):
+        m = model_cfg
+        dt, pdt = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+        self.input_layernorm = RMSNorm(m.hidden_size, eps=m.norm_eps, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.self_attn = Attention(m, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(m.hidden_size, eps=m.norm_eps, dtype=dt, param_dtype=pdt,
+                                                rngs=rngs)
+        self.mlp = MLP(m.hidden_size, m.mlp_dim, std=m.init_std, dtype=dt, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, h, cos, sin, mask, memory_kv=None, collect=False):
+        a, aux = self.self_attn(self.input_layernorm(h), cos, sin, mask, memory_kv, collect)
+        h = h + a
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return constrain(h, ("batch", "length", "embed")), aux
+
+
+def remat_policy(name: str):
+    if name == "save_attention_projections":
+        return jax.checkpoint_policies.save_only_these_names("attn_proj")
+    return getattr(jax.checkpoint_policies, name)
+
+
+class LayerStack(nnx.Module):
+    """`num_layers` Blocks with parameters stacked on a leading `layers` axis."""
+
+    def __init__(self, model_cfg, num_layers: int, first_layer: int, is_memory: bool, *, rngs):
+        self.num_layers, self.first_layer, self.is_memory = num_layers, first_layer, is_memory
+        self.remat, self.scan = model_cfg.remat, model_cfg.scan_layers
+
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make(rngs):
+            return Block(model_cfg, rngs=rngs)
+
+        self.blocks = make(rngs)
+
+    def __call__(self, h, cos, sin, mask, memory_kv=None, select=None):
+        """Run the layers. memory_kv: (k, v) each (layers, B, Nm, Hkv, D), per layer of this stack.
+
+        select: None, or (token_valid, top_k, combine) to also return each layer's kept memory tokens
+        as (keys, values), each (layers, N, Hkv, top_k, D).
+        """
+        graphdef, state = nnx.split(self.blocks)
+
+        def layer(h, xs):
+            layer_state, kv = xs
+            block = nnx.merge(graphdef, layer_state)
+            h, aux = block(h, cos, sin, mask, kv, collect=select is not None)
+            if select is None:
+                return h, None
+            token_valid, top_k, combine = select
+            q_pre, k_pre, k_rot, v = aux
+            return h, select_tokens(q_pre, k_pre, k_rot, v, token_valid, top_k, combine)
+
+        if self.remat != "none":
+            layer = jax.checkpoint(layer, policy=remat_policy(self.remat), prevent_cse=not self.scan)
+        xs = (state, memory_kv)
+        if self.scan:
+            return jax.lax.scan(layer, h, xs)
+        outs = []
+        for i in range(self.num_layers):
+            h, y = layer(h, jax.tree.map(lambda x: x[i], xs))
+            outs.append(y)
+        stacked = None if select is None else jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
+        return h, stacked

@@ -1,0 +1,96 @@
+"""Logical axis names -> device mesh axes.
+
+Every parameter and activation carries logical axis names; one rule table maps them onto the mesh
+axes `(data, fsdp, tensor)`. Parameters and activations use different names (`embed` vs `act_embed`)
+so that FSDP can shard weights along the model dimension while activations shard along the batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_mem_length", None),
+)
+
+# Activation names used in the model code, written without the `act_` prefix for readability.
+_ACTIVATION = {"batch", "length", "embed", "heads", "kv_heads", "mlp", "vocab", "mem_length"}
+_rules: contextvars.ContextVar = contextvars.ContextVar("m3jax_rules", default=None)
+
+
+def logical_to_spec(axes, rules=DEFAULT_RULES) -> P:
+    table = dict(rules)
+    unknown = [a for a in axes if a is not None and a not in table]
+    if unknown:
+        raise KeyError(f"no sharding rule for logical axes {unknown}")
+    return P(*(None if a is None else table[a] for a in axes))
+
+
+@contextlib.contextmanager
+def activate(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
+    """Within this context, activation constraints and parameter specs use `mesh` and `rules`."""
+    token = _rules.set(tuple(rules))
+    try:
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(list(rules)):
+            yield
+    finally:
+        _rules.reset(token)
+
+
+def constrain(x, axes):
+    """Sharding constraint for an activation with logical `axes`; a no-op outside `activate`."""
+    rules = _rules.get()
+    if rules is None:
+        return x
+    names = tuple(None if a is None else (f"act_{a}" if a in _ACTIVATION else a) for a in axes)
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
+
+
+def make_mesh(shape=(1, -1, 1), axes=MESH_AXES, devices=None) -> jax.sharding.Mesh:
+    """A mesh over `devices` (default: all); one entry of `shape` may be -1 to take the rest."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = list(shape)
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {tuple(shape)}: at most one axis may be -1")
+    known = 1
+    for s in shape:
+        known *= s if s != -1 else 1
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {tuple(shape)} does not divide {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    total = 1
+    for s in shape:
+        total *= s
+    if total != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {total} devices, have {len(devices)}")
+    auto = (jax.sharding.AxisType.Auto,) * len(axes)
+    return jax.make_mesh(tuple(shape), tuple(axes), axis_types=auto, devices=devices)
+
+
+def param_specs(state):
+    """PartitionSpecs of an nnx State under the active rules (call inside `activate`)."""
+    return nnx.get_partition_spec(state)
