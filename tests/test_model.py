@@ -162,14 +162,16 @@ def test_memory_with_every_token_equals_the_references_full_kv():
     assert rel(logits, ref[:, s:]) < 1e-5
 
 
-def test_attention_implementations_agree():
+@pytest.mark.parametrize("with_memory", [False, True])
+def test_attention_implementations_agree(with_memory):
     rng = np.random.default_rng(10)
     tokens = jnp.asarray(rng.integers(0, 512, (2, 32)))
+    padding = jnp.asarray(np.arange(32)[None, :] < np.array([[32], [21]]))
     kv, valid = random_memory(tiny(), rng, 2, 2, 2, 4)
-    memory = MemoryInputs(jnp.asarray(kv), jnp.asarray(valid))
+    memory = MemoryInputs(jnp.asarray(kv), jnp.asarray(valid)) if with_memory else None
     exact = Memory3(tiny(), rngs=nnx.Rngs(11))
     xla = Memory3(tiny(**{"model.attention": "xla"}), rngs=nnx.Rngs(11))
-    assert rel(xla(tokens, memory=memory), exact(tokens, memory=memory)) < 1e-5
+    assert rel(xla(tokens, memory=memory, padding_mask=padding), exact(tokens, memory=memory, padding_mask=padding)) < 1e-5
 
 
 def _loss_and_grads(cfg, tokens, memory):
@@ -226,6 +228,8 @@ def test_bad_inputs_get_clear_errors():
         model(jnp.zeros((2, 8), jnp.float32))
     with pytest.raises(ValueError, match="padding_mask has shape"):
         model(jnp.zeros((2, 8), jnp.int32), padding_mask=jnp.ones((2, 9), bool))
+    with pytest.raises(ValueError, match="padding_mask must be right padding"):
+        model(jnp.zeros((1, 4), jnp.int32), padding_mask=jnp.array([[True, False, True, True]]))
     kv, valid = random_memory(cfg, np.random.default_rng(0), 2, 2, 5, 4)
     with pytest.raises(ValueError, match=r"3 chunks of 16\) this model needs"):
         model(jnp.zeros((2, 40), jnp.int32), memory=MemoryInputs(jnp.asarray(kv), jnp.asarray(valid)))

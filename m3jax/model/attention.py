@@ -15,6 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from m3jax.model.layers import Linear, apply_rope
+from m3jax.model.masks import AttentionMask
 from m3jax.sharding import constrain
 
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -41,12 +42,19 @@ def exact_attention(q, k, v, mask):
     return out.reshape(b, tq, hq, d).astype(q.dtype)
 
 
-def attend(q, k, v, mask, impl: str):
+def attend(q, k, v, mask: AttentionMask, impl: str):
+    """q: (B, Tq, Hq, D); k, v: (B, Tk, Hkv, D) -> (B, Tq, Hq, D)."""
+    tq, tk = q.shape[1], k.shape[1]
     if impl == "exact":
-        return exact_attention(q, k, v, mask)
-    if impl in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-    raise ValueError(f"unknown attention implementation {impl!r}")
+        return exact_attention(q, k, v, mask.to_dense(tq, tk))
+    if impl not in ("xla", "cudnn"):
+        raise ValueError(f"unknown attention implementation {impl!r}")
+    if mask.dense is not None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask.dense, implementation=impl)
+    if tq != tk:  # is_causal aligns queries to the start of the keys: only right when they are the same
+        raise ValueError(f"causal attention without a dense mask needs as many queries as keys ({tq} vs {tk})")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=mask.kv_lengths,
+                                        implementation=impl)
 
 
 class Attention(nnx.Module):
@@ -63,7 +71,7 @@ class Attention(nnx.Module):
         self.impl = resolve_impl(m.attention, m.dtype)
 
     def __call__(self, x, cos, sin, mask, memory_kv=None, collect=False):
-        """x: (B, T, dim); mask: (B, 1, T, Nm + T); memory_kv: (k, v) each (B, Nm, Hkv, D) or None.
+        """x: (B, T, dim); mask: AttentionMask over (Nm +) T keys; memory_kv: (k, v) each (B, Nm, Hkv, D) or None.
 
         With `collect`, also returns (q, k) before RoPE and (k, v) after it, for memory writing.
         """
@@ -79,8 +87,8 @@ class Attention(nnx.Module):
             mem_k, mem_v = memory_kv
             keys = jnp.concatenate([mem_k.astype(k.dtype), k_rot], axis=1)
             values = jnp.concatenate([mem_v.astype(v.dtype), v], axis=1)
-        if keys.shape[1] != mask.shape[-1]:
-            raise ValueError(f"attention mask covers {mask.shape[-1]} keys, but there are {keys.shape[1]}")
+        if mask.dense is not None and keys.shape[1] != mask.dense.shape[-1]:
+            raise ValueError(f"attention mask covers {mask.dense.shape[-1]} keys, but there are {keys.shape[1]}")
         out = attend(q_rot, keys, values, mask, self.impl)
         out = checkpoint_name(self.o_proj(out), "attn_proj")
         return out, ((q, k, k_rot, v) if collect else None)

@@ -23,7 +23,7 @@ from flax import nnx
 
 from m3jax.config import memory_layer_range, padded_vocab_size, sink_len, validate
 from m3jax.model.layers import Linear, RMSNorm, param, rope_angles
-from m3jax.model.masks import context_mask, stream_mask
+from m3jax.model.masks import AttentionMask, context_mask
 from m3jax.model.sparsify import slot_valid
 from m3jax.model.transformer import LayerStack
 from m3jax.sharding import constrain
@@ -91,6 +91,8 @@ class Memory3(nnx.Module):
             padding_mask = jnp.ones((b, t), bool)
         elif padding_mask.shape != (b, t):
             raise ValueError(f"padding_mask has shape {padding_mask.shape}, expected {(b, t)} like tokens")
+        elif _is_concrete(padding_mask) and np.any(np.diff(np.asarray(padding_mask, np.int8), axis=1) > 0):
+            raise ValueError("padding_mask must be right padding: no real token after a padding position")
         stream = jnp.concatenate([jnp.broadcast_to(self.sink_ids(), (b, s)), tokens], axis=1)
         cos, sin = rope_angles(self.stream_positions(t), self.cfg.model.head_dim, self.cfg.model.rope_theta)
         mask = context_mask(padding_mask, s, self.cfg.memory.chunk_len)
@@ -150,10 +152,8 @@ class Memory3(nnx.Module):
         p = prefix.shape[0]
         real = jnp.arange(length)[None, :] < ref_lengths[:, None]
         token_valid = jnp.concatenate([jnp.zeros((n, p), bool), real], axis=1)  # start tokens excluded
-        key_valid = jnp.concatenate([jnp.ones((n, p), bool), real], axis=1)
-        index = jnp.arange(p + length)
-        mask = stream_mask(index, index, key_valid)
-        cos, sin = rope_angles(index, self.cfg.model.head_dim, self.cfg.model.rope_theta)
+        mask = AttentionMask(p + ref_lengths.astype(jnp.int32))
+        cos, sin = rope_angles(jnp.arange(p + length), self.cfg.model.head_dim, self.cfg.model.rope_theta)
         h = self._embed(jnp.concatenate([jnp.broadcast_to(prefix, (n, p)), ref_tokens], axis=1))
         select = (token_valid, mem.tokens_per_head, mem.head_combine)
         for seg in self.layers:

@@ -12,7 +12,27 @@ plain `<s>`, the context is cut into chunks of `chunk_len` tokens. Keys are `[me
 """
 from __future__ import annotations
 
+import flax.struct
+import jax
 import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class AttentionMask:
+    """What a layer's attention may see.
+
+    kv_lengths: (B,) the first kv_lengths[b] stream keys are real (right padding), causal over the stream;
+    dense: None, or the full (B, 1, Tq, Tk) boolean mask, needed once memory keys are present. Without it,
+    fused kernels run their causal mode (cuDNN: about 3x faster than with a dense mask, on an H200).
+    """
+    kv_lengths: jax.Array
+    dense: jax.Array | None = None
+
+    def to_dense(self, tq: int, tk: int):
+        if self.dense is not None:
+            return self.dense
+        index = jnp.arange(tk)
+        return stream_mask(jnp.arange(tq), index, index[None, :] < self.kv_lengths[:, None])
 
 
 def query_chunks(stream_index, sink_len: int, chunk_len: int):
@@ -41,18 +61,18 @@ def memory_mask(q_chunk, mem_chunk, mem_valid, window: int):
     return reads[None, None] & mem_valid[:, None, None, :]
 
 
-def context_mask(padding_mask, sink_len: int, chunk_len: int, memory=None):
-    """The mask of a `[sink | context]` stream, (B, 1, S+T, Nm+S+T) with memory, else (B, 1, S+T, S+T).
+def context_mask(padding_mask, sink_len: int, chunk_len: int, memory=None) -> AttentionMask:
+    """The mask of a `[sink | context]` stream; with memory its dense part is (B, 1, S+T, Nm+S+T).
 
-    padding_mask: (B, T) bool context padding; memory: None or (mem_chunk (Nm,), mem_valid (B, Nm), window).
+    padding_mask: (B, T) bool, right padding; memory: None or (mem_chunk (Nm,), mem_valid (B, Nm), window).
     Memory keys come first among the keys.
     """
     b, t = padding_mask.shape
+    lengths = sink_len + padding_mask.astype(jnp.int32).sum(axis=1)
+    if memory is None:
+        return AttentionMask(lengths)
     index = jnp.arange(sink_len + t)
     key_valid = jnp.concatenate([jnp.ones((b, sink_len), bool), padding_mask.astype(bool)], axis=1)
-    mask = stream_mask(index, index, key_valid)
-    if memory is None:
-        return mask
     mem_chunk, mem_valid, window = memory
     reads = memory_mask(query_chunks(index, sink_len, chunk_len), mem_chunk, mem_valid, window)
-    return jnp.concatenate([reads, mask], axis=-1)
+    return AttentionMask(lengths, jnp.concatenate([reads, stream_mask(index, index, key_valid)], axis=-1))
