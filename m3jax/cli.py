@@ -1,8 +1,11 @@
 """`m3jax` command line: `m3jax <command> --config=<file or name> [--config.section.field=value ...]`.
 
 Commands:
-  info   parameter counts, memory size per reference, sparsity and bank sizes of a config
-  demo   what runs end to end today: write memories with a random-weight model and read them
+  info             parameter counts, memory size per reference, sparsity and bank sizes of a config
+  demo             what runs end to end today: write memories with a random-weight model and read them
+  memory build     encode a knowledge base (--references=kb.npz) into a bank (--bank=DIR); resumable
+  memory info      what a bank holds (--bank=DIR)
+  memory verify    read every memory of a bank, checking checksums and truncation (--bank=DIR)
 """
 from __future__ import annotations
 
@@ -16,16 +19,31 @@ from m3jax import config as config_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (or a name in configs/: tiny, small, "
                                           "m3_0p92b, m3_2p4b); override fields with --config.model.x=y.")
 flags.DEFINE_integer("seed", 0, "Random seed (demo).")
+flags.DEFINE_string("checkpoint", "random", "Model weights: a checkpoint directory, or random[:SEED].")
+flags.DEFINE_string("references", None, "Knowledge base: .npz with tokens (N, L) and lengths (N,).")
+flags.DEFINE_string("bank", None, "Memory bank path (local directory or gs://bucket/path).")
+flags.DEFINE_enum("compression", "bf16", ["bf16", "int8", "vq"], "How a new bank stores memories.")
+flags.DEFINE_integer("batch_size", 64, "References encoded per step (split over local devices).")
 
 COMMANDS = {}
+NO_CONFIG = {"memory info", "memory verify"}
 
 
-def command(fn):
-    COMMANDS[fn.__name__] = fn
-    return fn
+def command(name):
+    def register(fn):
+        COMMANDS[name] = fn
+        return fn
+    return register
 
 
-@command
+def _required(name):
+    value = getattr(flags.FLAGS, name)
+    if value is None:
+        raise app.UsageError(f"--{name} is required")
+    return value
+
+
+@command("info")
 def info(cfg) -> None:
     """Print the sizes SPEC 2-3 quote for this config."""
     from m3jax import sizes
@@ -55,12 +73,49 @@ def info(cfg) -> None:
           f"sparse {sizes.human_bytes(bank['sparse'])}, quantized {sizes.human_bytes(bank['quantized'])}")
 
 
-@command
+@command("demo")
 def demo(cfg) -> None:
     """Write memories for random references and read them, with a random-weight model."""
     from m3jax.demo import run_demo
 
     run_demo(cfg, seed=flags.FLAGS.seed)
+
+
+@command("memory build")
+def memory_build(cfg) -> None:
+    from m3jax.checkpoint import load_model
+    from m3jax.memory.build import build_bank, load_references
+
+    tokens, lengths = load_references(_required("references"))
+    model = load_model(cfg, flags.FLAGS.checkpoint)
+    bank = build_bank(model, tokens, lengths, _required("bank"), compression=flags.FLAGS.compression,
+                      batch_size=flags.FLAGS.batch_size)
+    print(f"bank {bank.path}: {bank.count:,} references, {bank.manifest['compression']}, "
+          f"{bank.manifest['bytes_per_reference']:,} bytes each")
+
+
+@command("memory info")
+def memory_info(_) -> None:
+    from m3jax.memory.bank import MemoryBank
+
+    bank = MemoryBank.open(_required("bank"))
+    man = bank.manifest
+    print(f"bank              {bank.path}")
+    print(f"references        {bank.count:,} (shards of {man['shard_refs']})")
+    print(f"memory shape      {tuple(man['memory_shape'])} per reference")
+    print(f"compression       {man['compression']}" + (f" ({man['vq_factory']})" if man["compression"] == "vq" else "")
+          + f", {man['bytes_per_reference']:,} bytes per reference")
+    print(f"written by        {man['fingerprint']}")
+    print(f"tokenizer         {man['tokenizer']}")
+    print(f"updated           {man.get('updated', man['created'])}")
+
+
+@command("memory verify")
+def memory_verify(_) -> None:
+    from m3jax.memory.bank import MemoryBank
+
+    bank = MemoryBank.open(_required("bank"))
+    print(f"bank {bank.path}: all {bank.verify():,} references read back with valid checksums")
 
 
 def _resolve_config_arg(argv):
@@ -76,15 +131,18 @@ def _resolve_config_arg(argv):
 
 def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend-probing INFO lines off the console
-    if len(argv) != 2 or argv[1] not in COMMANDS:
+    name = " ".join(argv[1:])
+    if name not in COMMANDS:
         raise app.UsageError(f"usage: m3jax <{'|'.join(COMMANDS)}> --config=<file or name> [--config.x=y]")
-    if _CONFIG.value is None:
+    if _CONFIG.value is None and name not in NO_CONFIG:
         raise app.UsageError("--config is required (a file, or one of: tiny, small, m3_0p92b, m3_2p4b)")
+    from m3jax.memory.bank import BankError
+
     try:
-        cfg = config_lib.validate(_CONFIG.value)
-        COMMANDS[argv[1]](cfg)
-    except (config_lib.ConfigError, ValueError) as e:
-        print(f"m3jax {argv[1]}: error: {e}", file=sys.stderr)
+        cfg = config_lib.validate(_CONFIG.value) if _CONFIG.value is not None else None
+        COMMANDS[name](cfg)
+    except (config_lib.ConfigError, ValueError, IndexError, BankError) as e:
+        print(f"m3jax {name}: error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -141,9 +141,9 @@ def validate(cfg) -> ml_collections.ConfigDict:
     if mem.tokens_per_head > mem.reference_len:
         raise ConfigError(f"memory.tokens_per_head ({mem.tokens_per_head}) exceeds memory.reference_len "
                           f"({mem.reference_len})")
-    opq = re.match(r"OPQ(\d+)(?:_\d+)?x(\d+)", mem.vq_factory)
-    if opq and int(opq.group(2)) != m.head_dim:
-        raise ConfigError(f"memory.vq_factory {mem.vq_factory!r} rotates {opq.group(2)}-dim vectors, but memory "
+    opq = re.match(r"OPQ\d+[x_](\d+)", mem.vq_factory)
+    if opq and int(opq.group(1)) != m.head_dim:
+        raise ConfigError(f"memory.vq_factory {mem.vq_factory!r} rotates {opq.group(1)}-dim vectors, but memory "
                           f"vectors have model.head_dim={m.head_dim}")
     ids = tuple(mem.reference_prefix_ids)
     if not ids or ids[0] != m.bos_id:

@@ -1,27 +1,24 @@
-"""Memory writing: references -> sparse memories, batched and jit-compiled (SPEC 3).
+"""Memory writing: references -> sparse memories, batched, jit-compiled, sharded over local devices (SPEC 3).
 
-`Memory3.encode_references` holds the computation; this module is the entry point that checks the
-input on the host, pads to a fixed batch (one compilation for the whole knowledge base) and runs it.
+`Memory3.encode_references` holds the computation. `MemoryWriter` checks the input on the host, pads
+each batch to a fixed size (one compilation for a whole knowledge base), splits the batch over the
+local devices (parameters replicated) and returns NumPy arrays.
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import numpy as np
 from flax import nnx
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _encode(graphdef, state, tokens, lengths):
-    return nnx.merge(graphdef, state).encode_references(tokens, lengths)
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 def check_references(cfg, tokens, lengths):
+    """Validate right-padded reference tokens; return them with padding replaced by pad_id."""
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     limit = cfg.memory.reference_len
-    if tokens.ndim != 2:
-        raise ValueError(f"reference tokens must have shape (references, length), got {tokens.shape}")
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"reference tokens must be integers of shape (references, length), got {tokens.dtype} "
+                         f"{tokens.shape}")
     if tokens.shape[1] > limit:
         raise ValueError(f"references have {tokens.shape[1]} tokens; memory.reference_len is {limit} "
                          "(split longer text into references first)")
@@ -42,22 +39,38 @@ def check_references(cfg, tokens, lengths):
     return np.where(real, tokens, cfg.model.pad_id).astype(np.int32), lengths.astype(np.int32)
 
 
+class MemoryWriter:
+    """Encode batches of references with fixed weights: `writer(tokens, lengths) -> (memories, slot_valid)`."""
+
+    def __init__(self, model, batch_size: int = 64, devices=None):
+        self.cfg = model.cfg
+        devices = list(devices if devices is not None else jax.local_devices())
+        self.batch_size = -(-batch_size // len(devices)) * len(devices)  # a multiple of the device count
+        mesh = Mesh(np.array(devices), ("data",))
+        self._batch = NamedSharding(mesh, P("data"))
+        graphdef, state = nnx.split(model)
+        self._state = jax.device_put(state, NamedSharding(mesh, P()))  # replicated
+        self._encode = jax.jit(lambda s, t, n: nnx.merge(graphdef, s).encode_references(t, n),
+                               out_shardings=(self._batch, self._batch))
+
+    def __call__(self, tokens, lengths):
+        tokens, lengths = check_references(self.cfg, tokens, lengths)
+        mems, valids = [], []
+        for start in range(0, len(tokens), self.batch_size):
+            t, n = tokens[start:start + self.batch_size], lengths[start:start + self.batch_size]
+            real = len(t)
+            if real < self.batch_size:  # pad: the same compiled program for every batch
+                t = np.concatenate([t, np.full((self.batch_size - real, t.shape[1]), self.cfg.model.pad_id, np.int32)])
+                n = np.concatenate([n, np.ones(self.batch_size - real, np.int32)])
+            mem, valid = self._encode(self._state, jax.device_put(t, self._batch), jax.device_put(n, self._batch))
+            mems.append(np.asarray(mem)[:real])
+            valids.append(np.asarray(valid)[:real])
+        return np.concatenate(mems), np.concatenate(valids)
+
+
 def write_memories(model, tokens, lengths, batch_size: int = 64):
     """tokens: (N, L<=reference_len) right-padded ids; lengths: (N,) -> (memories, slot_valid) as NumPy.
 
     memories: (N, memory_layers, 2, kv_heads, tokens_per_head, head_dim) in the compute dtype.
     """
-    tokens, lengths = check_references(model.cfg, tokens, lengths)
-    graphdef, state = nnx.split(model)
-    n = len(tokens)
-    mems, valids = [], []
-    for start in range(0, n, batch_size):
-        t, l = tokens[start:start + batch_size], lengths[start:start + batch_size]
-        pad = batch_size - len(t) if n > batch_size else 0  # fixed shape: one compilation
-        if pad:
-            t = np.concatenate([t, np.full((pad, t.shape[1]), model.cfg.model.pad_id, np.int32)])
-            l = np.concatenate([l, np.ones(pad, np.int32)])
-        mem, valid = _encode(graphdef, state, t, l)
-        mems.append(np.asarray(mem)[:len(mem) - pad])
-        valids.append(np.asarray(valid)[:len(valid) - pad])
-    return np.concatenate(mems), np.concatenate(valids)
+    return MemoryWriter(model, min(batch_size, max(len(tokens), 1))).__call__(tokens, lengths)
