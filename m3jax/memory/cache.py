@@ -1,0 +1,104 @@
+"""Reading memories for a batch: gather by reference id through an LRU RAM cache, prefetch to the device.
+
+Neighbouring chunks often retrieve the same references (SPEC 4), so a batch's ids are deduplicated,
+cached ones are served from RAM, and only the rest is read from the bank, in one request. A
+`Prefetcher` does this for the next batches in a background thread while the device computes.
+"""
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from m3jax.model.lm import MemoryInputs
+
+NO_REFERENCE = -1  # an id meaning "nothing retrieved here" (e.g. dropped by the leakage filter)
+
+
+class CachedBankReader:
+    def __init__(self, bank, capacity: int = 4096, dtype=ml_dtypes.bfloat16):
+        if capacity < 0:
+            raise ValueError(f"cache capacity must be >= 0, got {capacity}")
+        self.bank, self.capacity, self.dtype = bank, capacity, dtype
+        self._cache: collections.OrderedDict[int, tuple] = collections.OrderedDict()
+        self.hits = self.misses = 0
+
+    def gather(self, ids):
+        """ids: integer array of any shape (NO_REFERENCE allowed) -> memories (*ids.shape, *memory_shape) in
+        `dtype` and slot validity (*ids.shape, tokens_per_head)."""
+        ids = np.asarray(ids)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"reference ids must be integers, got {ids.dtype}")
+        unique, inverse = np.unique(ids.reshape(-1), return_inverse=True)
+        wanted = unique[unique != NO_REFERENCE]
+        missing = np.array([i for i in wanted if int(i) not in self._cache], np.int64)
+        self.hits += len(wanted) - len(missing)
+        self.misses += len(missing)
+        fetched = {}
+        if len(missing):
+            memories, valid = self.bank.read(missing)
+            fetched = {int(i): (m.astype(self.dtype), v) for i, m, v in zip(missing, memories, valid)}
+        shape = self.bank.memory_shape
+        empty = (np.zeros(shape, self.dtype), np.zeros(shape[3], bool))
+        rows = [empty if i == NO_REFERENCE else fetched.get(int(i)) or self._cache[int(i)] for i in unique]
+        for i in wanted:  # mark as most recently used, then evict the oldest
+            i = int(i)
+            self._cache[i] = fetched.get(i) or self._cache[i]
+            self._cache.move_to_end(i)
+        while len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        memories = np.stack([r[0] for r in rows])[inverse].reshape(ids.shape + shape)
+        valid = np.stack([r[1] for r in rows])[inverse].reshape(ids.shape + shape[3:4])
+        return memories, valid
+
+    def memory_inputs(self, ids, window: int = 1) -> MemoryInputs:
+        """ids: (B, C, R) -> MemoryInputs on the host, ready for `jax.device_put`."""
+        ids = np.asarray(ids)
+        if ids.ndim != 3:
+            raise ValueError(f"ids must have shape (batch, chunks, references per chunk), got {ids.shape}")
+        memories, valid = self.gather(ids)
+        return MemoryInputs(memories, valid, window)
+
+
+class Prefetcher:
+    """Iterate MemoryInputs on device for a sequence of id batches, `depth` batches ahead of use."""
+
+    _END = object()
+
+    def __init__(self, reader: CachedBankReader, id_batches, depth: int = 2, window: int = 1, sharding=None):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+
+        def work():
+            try:
+                for ids in id_batches:
+                    if self._stop.is_set():
+                        return
+                    inputs = reader.memory_inputs(ids, window)
+                    self._queue.put(jax.device_put(inputs, sharding) if sharding is not None else
+                                    jax.device_put(inputs))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+                self._queue.put(e)
+                return
+            self._queue.put(self._END)
+
+        self._thread = threading.Thread(target=work, name="memory-prefetch", daemon=True)
+        self._thread.start()
+
+    def __iter__(self):
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while not self._queue.empty():  # unblock a worker waiting on a full queue
+            self._queue.get_nowait()
