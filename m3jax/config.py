@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     mem.train_refs_per_chunk = 1  # stage 2: each chunk retrieves 1 reference ...
     mem.train_window = 5  # ... and reads the memories of chunks c-4..c
     mem.grad_through_references = True
+    # Leakage filter (SPEC 5): drop a retrieved reference whose overlap with the text exceeds this.
+    mem.leak_threshold_train = 0.9
+    mem.leak_threshold_eval = 2 / 3
     mem.vq_factory = "OPQ20x80-Residual2x14-PQ8x10"  # FAISS factory for quantized banks
     # Reference count of the paper's bank. The paper writes 1.1e8; its three bank sizes
     # (7.17 PiB / 45.9 TiB / 4.02 TiB) all imply 1.12e8, which is what is kept here.
@@ -127,6 +130,9 @@ def validate(cfg) -> ml_collections.ConfigDict:
                        ("attention", ATTENTION_IMPLS)):
         if m[f] not in allowed:
             raise ConfigError(f"model.{f} is {m[f]!r}; expected one of {', '.join(allowed)}")
+    for f in ("leak_threshold_train", "leak_threshold_eval"):
+        if not 0 < mem[f] <= 1:
+            raise ConfigError(f"memory.{f} must be in (0, 1], got {mem[f]}")
     if mem.head_combine not in HEAD_COMBINE:
         raise ConfigError(f"memory.head_combine is {mem.head_combine!r}; expected one of {HEAD_COMBINE}")
     if mem.layer_start < 0 or mem.num_layers < 0:

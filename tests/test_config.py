@@ -91,7 +91,7 @@ def test_cli_bad_config_is_one_clear_line():
     out = m3jax("info", "--config=missing")
     assert out.returncode == 2 and "no config file 'missing'" in out.stderr and "Traceback" not in out.stderr
     out = m3jax("frobnicate", "--config=tiny")
-    assert out.returncode != 0 and "usage: m3jax <info|demo>" in out.stderr
+    assert out.returncode != 0 and "usage: m3jax <info|demo|memory build" in out.stderr
 
 
 def test_cli_demo_runs_and_memory_matters():
