@@ -88,10 +88,11 @@ def memory_build(cfg) -> None:
 
     tokens, lengths = load_references(_required("references"))
     model = load_model(cfg, flags.FLAGS.checkpoint)
-    bank = build_bank(model, tokens, lengths, _required("bank"), compression=flags.FLAGS.compression,
-                      batch_size=flags.FLAGS.batch_size)
-    print(f"bank {bank.path}: {bank.count:,} references, {bank.manifest['compression']}, "
-          f"{bank.manifest['bytes_per_reference']:,} bytes each")
+    bank, stats = build_bank(model, tokens, lengths, _required("bank"), compression=flags.FLAGS.compression,
+                             batch_size=flags.FLAGS.batch_size)
+    rate = f", {stats['steady_refs_per_s']:,.0f} references/s after the first batch" if "steady_refs_per_s" in stats else ""
+    print(f"bank {bank.path}: {bank.count:,} references ({stats['written']:,} written now in {stats['seconds']:.1f} s"
+          f"{rate}), {bank.manifest['compression']}, {bank.manifest['bytes_per_reference']:,} bytes each")
 
 
 @command("memory info")

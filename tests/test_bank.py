@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
 
 def build(setup, path, n=N_REFS, **kw):
     cfg, model, tokens, lengths, *_ = setup
-    return build_bank(model, tokens[:n], lengths[:n], str(path), batch_size=16, shard_refs=32, progress=False, **kw)
+    return build_bank(model, tokens[:n], lengths[:n], str(path), batch_size=16, shard_refs=32, progress=False, **kw)[0]
 
 
 def relative(a, b):
@@ -70,7 +70,7 @@ def read_all(path):
     return bank.read(np.arange(bank.count))
 
 
-@pytest.mark.parametrize("crash", ["encoded:2", "committed:1"])
+@pytest.mark.parametrize("crash", ["encoded:2", "written:1", "committed:1"])
 def test_resume_after_sigkill_equals_uninterrupted_build(setup, tmp_path, crash):
     kb = setup[-1]
     cmd = [sys.executable, "-m", "m3jax.cli", "memory", "build", "--config=tiny", "--checkpoint=random:0",

@@ -178,6 +178,12 @@ class MemoryBank:
     # ---- writing ------------------------------------------------------------------------------
     def append(self, start: int, memories, slots, token_hashes) -> None:
         """Write references [start, start + n) and commit them. `start` must be the current count."""
+        pending = self.write(start, memories, slots, token_hashes)
+        pending.wait()
+        pending.commit()
+
+    def write(self, start: int, memories, slots, token_hashes) -> "PendingAppend":
+        """Start writing references [start, start + n); they count once the returned append commits."""
         n = len(memories)
         if start != self.count:
             raise BankError(f"append at {start}, but the bank holds {self.count} references: rows must be "
@@ -190,10 +196,10 @@ class MemoryBank:
         encoded = {**self.codec.encode(memories), "slots": np.asarray(slots, np.uint8),
                    "token_hashes": np.asarray(token_hashes, np.uint8)}
         rows = slice(start, start + n)
-        futures = [self._arrays[name][rows].write(value) for name, value in encoded.items()]
-        for f in futures:
-            f.result()
-        self.manifest["count"] = start + n
+        return PendingAppend(self, start + n, [self._arrays[k][rows].write(v) for k, v in encoded.items()])
+
+    def _commit(self, count: int) -> None:
+        self.manifest["count"] = count
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._store.write("manifest.json", _seal(self.manifest)).result()  # the commit point
 
@@ -234,3 +240,18 @@ class MemoryBank:
         for start in range(0, self.count, batch):
             self.read(np.arange(start, min(start + batch, self.count)))
         return self.count
+
+
+class PendingAppend:
+    """Writes in flight; `commit()` waits for them, then moves the manifest's count (data before manifest)."""
+
+    def __init__(self, bank: MemoryBank, count: int, futures):
+        self.bank, self.count, self._futures = bank, count, futures
+
+    def wait(self) -> None:
+        for f in self._futures:
+            f.result()
+
+    def commit(self) -> None:
+        self.wait()
+        self.bank._commit(self.count)

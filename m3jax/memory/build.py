@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -51,9 +52,24 @@ def _check_same_input(bank: MemoryBank, tokens, lengths, sample: int = 1024) -> 
                         "changed; rebuild the bank into a new path (append only adds rows at the end)")
 
 
+def _batches(start: int, stop: int, batch: int, shard: int):
+    """Ranges of at most `batch` rows that never straddle a shard, so each write fills one shard."""
+    lo = start
+    while lo < stop:
+        hi = min(stop, lo + batch, (lo // shard + 1) * shard)
+        yield lo, hi
+        lo = hi
+
+
 def build_bank(model, tokens, lengths, path: str, *, compression: str = "bf16", batch_size: int = 64,
-               shard_refs: int = 1024, tokenizer: str | None = None, vq_train_refs: int = 4096,
-               progress: bool = True) -> MemoryBank:
+               shard_refs: int | None = None, tokenizer: str | None = None, vq_train_refs: int = 4096,
+               progress: bool = True):
+    """Encode references [bank count, N) into the bank at `path` (created if absent). Returns (bank, stats).
+
+    Encoding of batch i+1 on the devices overlaps the store's writes of batch i. A new bank gets
+    shards of one batch (`shard_refs` overrides), so a write fills a shard instead of rewriting one.
+    """
+    began = time.perf_counter()
     cfg = model.cfg
     tokens, lengths = check_references(cfg, tokens, lengths)
     fingerprint = weights_fingerprint(model)
@@ -69,23 +85,41 @@ def build_bank(model, tokens, lengths, path: str, *, compression: str = "bf16", 
             codec = make_codec("vq", shape, cfg.memory.vq_factory)
             sample, _ = writer(tokens[:vq_train_refs], lengths[:vq_train_refs])
             codec.train(sample)
-        bank = MemoryBank.create(path, cfg, fingerprint=fingerprint, compression=compression,
-                                 tokenizer=tokenizer, shard_refs=shard_refs, codec=codec)
+        bank = MemoryBank.create(path, cfg, fingerprint=fingerprint, compression=compression, tokenizer=tokenizer,
+                                 shard_refs=shard_refs or writer.batch_size, codec=codec)
     if bank.manifest["compression"] != compression:
         raise BankError(f"{path} stores {bank.manifest['compression']} memories; --compression={compression} "
                         "would mix formats")
     _check_same_input(bank, tokens, lengths)
     start = bank.count
     bar = tqdm(total=len(tokens), initial=start, unit="ref", disable=not progress, desc="writing memories")
-    for step, lo in enumerate(range(start, len(tokens), writer.batch_size)):
-        hi = min(lo + writer.batch_size, len(tokens))
-        memories, valid = writer(tokens[lo:hi], lengths[lo:hi])
-        _crash_point("encoded", step)
-        bank.append(lo, memories, valid.sum(axis=1), reference_hashes(tokens[lo:hi], lengths[lo:hi]))
+    pending, first_done = None, None
+
+    def finish(pending, step):
+        pending.wait()
+        _crash_point("written", step)
+        pending.commit()
         _crash_point("committed", step)
-        bar.update(hi - lo)
+        bar.update(pending.count - bar.n)
+
+    for step, (lo, hi) in enumerate(_batches(start, len(tokens), writer.batch_size, bank.manifest["shard_refs"])):
+        dispatched = writer.dispatch(tokens[lo:hi], lengths[lo:hi])
+        if pending is not None:
+            finish(pending, step - 1)
+        memories, valid = writer.fetch(dispatched)
+        _crash_point("encoded", step)
+        pending = bank.write(lo, memories, valid.sum(axis=1), reference_hashes(tokens[lo:hi], lengths[lo:hi]))
+        if first_done is None:
+            first_done = (time.perf_counter(), hi - lo)
+    if pending is not None:
+        finish(pending, step)
     bar.close()
-    return bank
+    end = time.perf_counter()
+    written = len(tokens) - start
+    stats = {"written": written, "seconds": end - began, "count": bank.count}
+    if first_done and written > first_done[1]:  # after the first batch: no compilation, no setup
+        stats["steady_refs_per_s"] = (written - first_done[1]) / (end - first_done[0])
+    return bank, stats
 
 
 def compression_report(model, tokens, lengths, modes=("bf16", "int8", "vq"), sample: int = 512) -> dict:

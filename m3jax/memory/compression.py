@@ -66,7 +66,7 @@ class Bf16Codec(Codec):
         return {"memories": (self.shape, ml_dtypes.bfloat16)}
 
     def encode(self, memories):
-        return {"memories": np.asarray(memories).astype(ml_dtypes.bfloat16)}
+        return {"memories": np.asarray(memories).astype(ml_dtypes.bfloat16, copy=False)}
 
     def decode(self, arrays):
         return arrays["memories"].astype(np.float32)

@@ -53,19 +53,27 @@ class MemoryWriter:
         self._encode = jax.jit(lambda s, t, n: nnx.merge(graphdef, s).encode_references(t, n),
                                out_shardings=(self._batch, self._batch))
 
+    def dispatch(self, tokens, lengths):
+        """Start encoding one batch (<= batch_size, already checked) on the devices; returns device arrays."""
+        real = len(tokens)
+        if real < self.batch_size:  # pad: the same compiled program for every batch
+            pad = self.batch_size - real
+            tokens = np.concatenate([tokens, np.full((pad, tokens.shape[1]), self.cfg.model.pad_id, np.int32)])
+            lengths = np.concatenate([lengths, np.ones(pad, np.int32)])
+        mem, valid = self._encode(self._state, jax.device_put(tokens, self._batch), jax.device_put(lengths, self._batch))
+        return mem, valid, real
+
+    @staticmethod
+    def fetch(dispatched):
+        """Wait for a dispatched batch and bring it to the host, without the padding rows."""
+        mem, valid, real = dispatched
+        return np.asarray(mem)[:real], np.asarray(valid)[:real]
+
     def __call__(self, tokens, lengths):
         tokens, lengths = check_references(self.cfg, tokens, lengths)
-        mems, valids = [], []
-        for start in range(0, len(tokens), self.batch_size):
-            t, n = tokens[start:start + self.batch_size], lengths[start:start + self.batch_size]
-            real = len(t)
-            if real < self.batch_size:  # pad: the same compiled program for every batch
-                t = np.concatenate([t, np.full((self.batch_size - real, t.shape[1]), self.cfg.model.pad_id, np.int32)])
-                n = np.concatenate([n, np.ones(self.batch_size - real, np.int32)])
-            mem, valid = self._encode(self._state, jax.device_put(t, self._batch), jax.device_put(n, self._batch))
-            mems.append(np.asarray(mem)[:real])
-            valids.append(np.asarray(valid)[:real])
-        return np.concatenate(mems), np.concatenate(valids)
+        out = [self.fetch(self.dispatch(tokens[i:i + self.batch_size], lengths[i:i + self.batch_size]))
+               for i in range(0, len(tokens), self.batch_size)]
+        return np.concatenate([m for m, _ in out]), np.concatenate([v for _, v in out])
 
 
 def write_memories(model, tokens, lengths, batch_size: int = 64):

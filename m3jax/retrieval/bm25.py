@@ -1,0 +1,92 @@
+"""Lexical retrieval with BM25 (the `bm25s` package): a baseline and an embedder-free alternative.
+
+Texts are tokenised by bm25s' own tokenizer (lower-cased words of >= 2 word characters, optional
+English stopword removal) for both references and queries, and scored with Lucene's BM25 variant,
+whose idf is always positive: a reference scores > 0 exactly when it shares a word with the query.
+Only such references are returned; the remaining slots hold id -1 and score -inf, as for
+`VectorIndex`. So a query with no known words gets all -1 ids (bm25s itself would return arbitrary
+documents with score 0).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import bm25s
+import numpy as np
+
+from m3jax.retrieval.index import check_k, empty_results
+from m3jax.retrieval.retriever import Retriever
+
+META_FILE = "m3jax_bm25.json"
+
+
+def _check_texts(texts: Sequence[str], what: str) -> list[str]:
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{what} must be a sequence of str, not a single str")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"{what}[{i}] is {type(t).__name__}, expected str")
+    return texts
+
+
+class BM25Retriever(Retriever):
+    """BM25 over a fixed list of reference texts; ids are their positions in that list."""
+
+    def __init__(self, model: bm25s.BM25, stopwords: str | list[str] | None, count: int):
+        self.model, self.stopwords, self.count = model, stopwords, count
+
+    @classmethod
+    def build(cls, texts: Sequence[str], stopwords: str | list[str] | None = "en",
+              k1: float = 1.5, b: float = 0.75) -> "BM25Retriever":
+        """Indexes `texts`. `stopwords`: "en" (bm25s' English list), a list of words, or None to keep all."""
+        texts = _check_texts(texts, "texts")
+        if not texts:
+            raise ValueError("BM25Retriever.build needs at least one reference text, got an empty list")
+        tokens = cls._tokenize(texts, stopwords)
+        if not any(tokens):
+            raise ValueError("no reference text contains an indexable word (all empty, punctuation or stopwords)")
+        model = bm25s.BM25(k1=k1, b=b, method="lucene")  # lucene: idf > 0, so score 0 <=> no shared word
+        model.index(tokens, show_progress=False)
+        return cls(model, stopwords, len(texts))
+
+    @staticmethod
+    def _tokenize(texts: list[str], stopwords) -> list[list[str]]:
+        return bm25s.tokenize(texts, stopwords=stopwords, return_ids=False, show_progress=False)
+
+    def retrieve(self, texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = check_k(k)
+        texts = _check_texts(texts, "queries")
+        scores, ids = empty_results(len(texts), k)
+        vocab = self.model.vocab_dict
+        # Unknown words score nothing anyway; dropping them lets us skip queries left empty.
+        tokens = [[t for t in q if t in vocab] for q in self._tokenize(texts, self.stopwords)] if texts else []
+        rows = [i for i, q in enumerate(tokens) if q]
+        if rows:
+            kk = min(k, self.count)  # bm25s refuses k > corpus size
+            docs, s = self.model.retrieve([tokens[i] for i in rows], k=kk, show_progress=False)
+            hit = s > 0
+            scores[rows, :kk] = np.where(hit, s, -np.inf)
+            ids[rows, :kk] = np.where(hit, docs, -1)
+        return scores, ids
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save(str(path), show_progress=False)
+        meta = {"format": 1, "stopwords": self.stopwords, "count": self.count}
+        (path / META_FILE).write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BM25Retriever":
+        path = Path(path)
+        if not (path / META_FILE).is_file():
+            raise FileNotFoundError(f"{path / META_FILE} is missing; was {path} written by BM25Retriever.save?")
+        meta = json.loads((path / META_FILE).read_text())
+        model = bm25s.BM25.load(str(path), show_progress=False)
+        return cls(model, meta["stopwords"], meta["count"])
+
+    def __len__(self) -> int:
+        return self.count
