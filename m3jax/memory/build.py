@@ -66,7 +66,7 @@ def build_bank(model, tokens, lengths, path: str, *, compression: str = "bf16", 
                progress: bool = True):
     """Encode references [bank count, N) into the bank at `path` (created if absent). Returns (bank, stats).
 
-    Encoding of batch i+1 on the devices overlaps the store's writes of batch i. A new bank gets
+    Encoding of batch i+1 on the devices overlaps fetching and storing batch i. A new bank gets
     shards of one batch (`shard_refs` overrides), so a write fills a shard instead of rewriting one.
     """
     began = time.perf_counter()
@@ -102,12 +102,16 @@ def build_bank(model, tokens, lengths, path: str, *, compression: str = "bf16", 
         _crash_point("committed", step)
         bar.update(pending.count - bar.n)
 
-    for step, (lo, hi) in enumerate(_batches(start, len(tokens), writer.batch_size, bank.manifest["shard_refs"])):
-        dispatched = writer.dispatch(tokens[lo:hi], lengths[lo:hi])
+    # Two batches in flight: the devices encode batch i+1 while the host fetches and stores batch i.
+    ranges = list(_batches(start, len(tokens), writer.batch_size, bank.manifest["shard_refs"]))
+    dispatch = lambda r: writer.dispatch(tokens[r[0]:r[1]], lengths[r[0]:r[1]])  # noqa: E731
+    ahead = dispatch(ranges[0]) if ranges else None
+    for step, (lo, hi) in enumerate(ranges):
+        current, ahead = ahead, (dispatch(ranges[step + 1]) if step + 1 < len(ranges) else None)
+        memories, valid = writer.fetch(current)
+        _crash_point("encoded", step)
         if pending is not None:
             finish(pending, step - 1)
-        memories, valid = writer.fetch(dispatched)
-        _crash_point("encoded", step)
         pending = bank.write(lo, memories, valid.sum(axis=1), reference_hashes(tokens[lo:hi], lengths[lo:hi]))
         if first_done is None:
             first_done = (time.perf_counter(), hi - lo)

