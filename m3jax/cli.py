@@ -6,6 +6,7 @@ Commands:
   memory build     encode a knowledge base (--references=kb.npz) into a bank (--bank=DIR); resumable
   memory info      what a bank holds (--bank=DIR)
   memory verify    read every memory of a bank, checking checksums and truncation (--bank=DIR)
+  memory compression   bytes per reference and reconstruction error of bf16 / int8 / vq (--references)
 """
 from __future__ import annotations
 
@@ -93,6 +94,19 @@ def memory_build(cfg) -> None:
     rate = f", {stats['steady_refs_per_s']:,.0f} references/s after the first batch" if "steady_refs_per_s" in stats else ""
     print(f"bank {bank.path}: {bank.count:,} references ({stats['written']:,} written now in {stats['seconds']:.1f} s"
           f"{rate}), {bank.manifest['compression']}, {bank.manifest['bytes_per_reference']:,} bytes each")
+
+
+@command("memory compression")
+def memory_compression(cfg) -> None:
+    from m3jax.checkpoint import load_model
+    from m3jax.memory.build import compression_report, load_references
+
+    tokens, lengths = load_references(_required("references"))
+    report = compression_report(load_model(cfg, flags.FLAGS.checkpoint), tokens, lengths)
+    print(f"{'compression':12s} {'bytes/reference':>16s} {'vs bf16':>8s} {'relative L2 error':>18s}")
+    for mode, r in report.items():
+        print(f"{mode:12s} {r['bytes_per_reference']:16,d} {report['bf16']['bytes_per_reference'] / r['bytes_per_reference']:7.1f}x "
+              f"{r['relative_error']:18.2e}")
 
 
 @command("memory info")
