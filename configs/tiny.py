@@ -6,7 +6,7 @@ def get_config():
     cfg = base_config()
     cfg.name = "tiny"
     m = cfg.model
-    m.vocab_size = 512
+    m.vocab_size = 2048  # SentencePiece with byte fallback needs ~400 ids before its first merge
     m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim = 4, 64, 4, 2, 16
     m.mlp_dim = 128
     m.remat = "none"

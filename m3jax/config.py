@@ -64,9 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
     mem.refs_per_chunk = 5  # memories each chunk reads at inference
     mem.tokens_per_head = 8  # tokens kept per layer and KV head (sparsification)
     mem.reference_len = 128  # max tokens of a reference; also the shared position interval of memories
-    # `<s>Reference:` as token ids; set by the tokenizer (data issue). It starts every reference and,
-    # followed by the plain `<s>`, every context (the attention sink, SPEC 4).
-    mem.reference_prefix_ids = (1, 2, 3)
+    # `<s>Reference:` as token ids: m3jax's SentencePiece vocabulary has `<s>` = 1 and the piece
+    # `Reference:` = 4 (m3jax/data/tokenizer.py). It starts every reference and, followed by the plain
+    # `<s>`, every context (the attention sink, SPEC 4).
+    mem.reference_prefix_ids = (1, 4)
     mem.head_combine = "sum"  # free choice: how the query heads of one KV group combine their scores
     mem.train_refs_per_chunk = 1  # stage 2: each chunk retrieves 1 reference ...
     mem.train_window = 5  # ... and reads the memories of chunks c-4..c
@@ -81,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     d = cfg.data = ml_collections.ConfigDict()
     d.seq_len = 2048
+    d.heldout_fraction = 0.01  # of corpus documents, by a stable hash of the document id
     return cfg
 
 
@@ -119,6 +121,8 @@ def validate(cfg) -> ml_collections.ConfigDict:
               "train_window"):
         _positive(cfg, f"memory.{f}")
     _positive(cfg, "data.seq_len")
+    if not 0 < cfg.data.heldout_fraction < 1:
+        raise ConfigError(f"data.heldout_fraction must be in (0, 1), got {cfg.data.heldout_fraction}")
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads "
                           f"({m.num_kv_heads}): each KV head serves a whole group of query heads")

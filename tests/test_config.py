@@ -49,7 +49,8 @@ def test_vq_code_sizes():
     ({"model.remat": "some"}, r"model.remat is 'some'; expected one of"),
     ({"memory.tokens_per_head": 64}, r"memory.tokens_per_head \(64\) exceeds memory.reference_len \(32\)"),
     ({"memory.reference_prefix_ids": (2, 3)}, r"must start with model.bos_id"),
-    ({"memory.reference_prefix_ids": (1, 600)}, r"reference_prefix_ids\[1\] = 600 is outside the vocabulary"),
+    ({"memory.reference_prefix_ids": (1, 6000)}, r"reference_prefix_ids\[1\] = 6000 is outside the vocabulary"),
+    ({"data.heldout_fraction": 0.0}, r"data.heldout_fraction must be in \(0, 1\)"),
     ({"memory.vq_factory": "OPQ20x80-PQ8x10"}, r"rotates 80-dim vectors, but .*model.head_dim=16"),
 ])
 def test_validate_names_the_field(overrides, message):

@@ -73,7 +73,7 @@ def test_plain_decoder_matches_naive(padded):
     ids, positions, s = context_stream(model, tokens)
     key_valid = np.concatenate([np.ones((2, s), bool), padding], 1)
     ref, _ = naive.decoder(naive_params(model), model.cfg, ids, positions, key_valid, s)
-    assert logits.shape == (2, 32, 512) and logits.dtype == jnp.float32
+    assert logits.shape == (2, 32, 2048) and logits.dtype == jnp.float32
     assert rel(logits, ref[:, s:]) < 1e-5
 
 
@@ -220,8 +220,8 @@ def test_every_parameter_has_logical_axes():
 def test_bad_inputs_get_clear_errors():
     cfg = tiny()
     model = Memory3(cfg, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"tokens\[1, 3\] = 512 is outside the vocabulary"):
-        model(jnp.zeros((2, 8), jnp.int32).at[1, 3].set(512))
+    with pytest.raises(ValueError, match=r"tokens\[1, 3\] = 2048 is outside the vocabulary"):
+        model(jnp.zeros((2, 8), jnp.int32).at[1, 3].set(2048))
     with pytest.raises(ValueError, match=r"shape \(batch, length\)"):
         model(jnp.zeros((8,), jnp.int32))
     with pytest.raises(TypeError, match="integer token ids"):
