@@ -30,7 +30,7 @@ def train(texts: Iterable[str], path: str | pathlib.Path, vocab_size: int, max_s
         pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=UNK, user_defined_symbols=[REFERENCE_PIECE],
         byte_fallback=True, character_coverage=0.9995, input_sentence_size=max_sentences,
         shuffle_input_sentence=True, num_threads=2, minloglevel=2,
-        max_sentence_length=8192, train_extremely_large_corpus=False)
+        max_sentence_length=8192, hard_vocab_limit=False)  # small corpora may support fewer pieces
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(model.getvalue())

@@ -1,0 +1,96 @@
+"""`prepare` on synthetic documents: arrays, tokenizer, references, retrieval with the leakage filter."""
+import collections
+
+import numpy as np
+import pytest
+
+from m3jax import config as config_lib
+from m3jax.data.loader import StepLoader
+from m3jax.data.prepare import open_prepared, prepare
+from m3jax.data.tokenizer import Tokenizer
+from m3jax.retrieval.leakage import overlap
+
+Doc = collections.namedtuple("Doc", "source doc_id title text")
+
+
+def synthetic(seed=0):
+    rng = np.random.default_rng(seed)
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    words = ["".join(rng.choice(letters, rng.integers(2, 9))) for _ in range(1500)]
+
+    def text(n):
+        return " ".join(" ".join(rng.choice(words, rng.integers(5, 13))).capitalize() + "." for _ in range(n))
+
+    knowledge = [Doc("wiki", f"wiki:{i}", f"T{i}", text(3)) for i in range(40)]
+    corpus = [Doc("book", f"book:{i}", f"B{i}", text(12)) for i in range(400)]
+    planted = corpus[7]._replace(text=corpus[7].text + " " + knowledge[5].text)  # a leak to catch
+    corpus[7] = planted
+    return corpus, knowledge
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    cfg = config_lib.load("tiny")
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    meta = prepare(cfg, None, out, documents=synthetic(), progress=False)
+    return cfg, out, meta
+
+
+def test_arrays_and_metadata(prepared):
+    cfg, out, meta = prepared
+    meta2, arrays = open_prepared(out, verify=True)
+    assert meta2 == meta
+    n_train, t = arrays["train_tokens"].shape
+    assert t == cfg.data.seq_len and n_train > 10 and len(arrays["heldout_tokens"]) >= 1
+    assert arrays["train_ref_ids"].shape == (n_train, cfg.data.seq_len // cfg.memory.chunk_len)
+    assert arrays["train_tokens"].max() < meta["vocab_size"] <= cfg.model.vocab_size
+    assert meta["reference_prefix_ids"] == list(cfg.memory.reference_prefix_ids)
+    assert arrays["ref_lengths"].max() <= cfg.memory.reference_len and arrays["ref_lengths"].min() >= 1
+    assert meta["documents"]["train"] + meta["documents"]["heldout"] == 400
+
+
+def test_references_decode_to_the_knowledge_text(prepared):
+    _, out, _ = prepared
+    _, arrays = open_prepared(out)
+    tokenizer = Tokenizer(out / "tokenizer.model")
+    first = tokenizer.decode(arrays["ref_tokens"][0, :arrays["ref_lengths"][0]])
+    assert first.split(".")[0] == synthetic()[1][0].text.split(".")[0]
+
+
+def test_every_chunk_reference_respects_the_leakage_filter(prepared):
+    cfg, out, _ = prepared
+    _, arrays = open_prepared(out)
+    tokens, ref_ids = arrays["train_tokens"], arrays["train_ref_ids"]
+    assert (ref_ids >= 0).mean() > 0.5  # most chunks found something
+    for i in range(len(tokens)):
+        for j in set(ref_ids[i][ref_ids[i] >= 0].tolist()):
+            ref = arrays["ref_tokens"][j, :arrays["ref_lengths"][j]]
+            assert overlap(tokens[i], ref) <= cfg.memory.leak_threshold_train
+
+
+def test_loader_reads_what_prepare_wrote(prepared):
+    _, out, _ = prepared
+    _, arrays = open_prepared(out)
+    loader = StepLoader({"tokens": arrays["train_tokens"], "ref_ids": arrays["train_ref_ids"]}, 4, seed=0)
+    rows = loader.indices(2)
+    batch = loader.batch(2)
+    np.testing.assert_array_equal(batch["tokens"], arrays["train_tokens"][rows])
+    np.testing.assert_array_equal(batch["ref_ids"], arrays["train_ref_ids"][rows])
+
+
+def test_failures_leave_nothing_that_looks_complete(prepared, tmp_path):
+    cfg, out, _ = prepared
+    with pytest.raises(FileExistsError, match="already holds prepared data"):
+        prepare(cfg, None, out, documents=synthetic(), progress=False)
+
+    def broken():
+        yield from synthetic()[0][:50]
+        raise OSError("archive truncated")
+
+    with pytest.raises(OSError, match="archive truncated"):
+        prepare(cfg, None, tmp_path / "broken", documents=(broken(), synthetic()[1]), progress=False)
+    assert not (tmp_path / "broken").exists()
+    with pytest.raises(ValueError, match="knowledge base is empty"):
+        prepare(cfg, None, tmp_path / "empty", documents=(synthetic()[0], []), progress=False)
+    with pytest.raises(FileNotFoundError, match="run `m3jax data prepare`"):
+        open_prepared(tmp_path / "nothing")
