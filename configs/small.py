@@ -12,4 +12,5 @@ def get_config():
     cfg.memory.num_layers = 6
     cfg.data.seq_len = 1024
     cfg.memory.vq_factory = "OPQ16x64-Residual2x14-PQ8x10"  # 14-byte codes as in the paper, for 64-dim vectors
+    cfg.data.continual_sequences = 65536  # retrieval for a subset: stage 2 is the short stage
     return cfg

@@ -18,4 +18,5 @@ def get_config():
     mem.tokens_per_head = 4
     cfg.data.seq_len = 128
     cfg.memory.vq_factory = "OPQ4x16-Residual2x6-PQ4x6"  # small codebooks: tiny banks train on few vectors
+    cfg.data.continual_sequences = 4096  # retrieval for a subset: stage 2 is the short stage
     return cfg

@@ -83,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
     d = cfg.data = ml_collections.ConfigDict()
     d.seq_len = 2048
     d.heldout_fraction = 0.01  # of corpus documents, by a stable hash of the document id
+    d.continual_sequences = None  # training sequences that get retrieved references for stage 2 (None: all)
+    d.seed = 0
     return cfg
 
 

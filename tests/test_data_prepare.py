@@ -42,7 +42,9 @@ def test_arrays_and_metadata(prepared):
     assert meta2 == meta
     n_train, t = arrays["train_tokens"].shape
     assert t == cfg.data.seq_len and n_train > 10 and len(arrays["heldout_tokens"]) >= 1
-    assert arrays["train_ref_ids"].shape == (n_train, cfg.data.seq_len // cfg.memory.chunk_len)
+    assert arrays["continual_ref_ids"].shape == (len(arrays["continual_tokens"]), cfg.data.seq_len // cfg.memory.chunk_len)
+    assert len(arrays["continual_tokens"]) == n_train  # tiny asks for more than there are: all of them
+    assert arrays["heldout_ref_ids"].shape[0] == len(arrays["heldout_tokens"])
     assert arrays["train_tokens"].max() < meta["vocab_size"] <= cfg.model.vocab_size
     assert meta["reference_prefix_ids"] == list(cfg.memory.reference_prefix_ids)
     assert arrays["ref_lengths"].max() <= cfg.memory.reference_len and arrays["ref_lengths"].min() >= 1
@@ -60,7 +62,7 @@ def test_references_decode_to_the_knowledge_text(prepared):
 def test_every_chunk_reference_respects_the_leakage_filter(prepared):
     cfg, out, _ = prepared
     _, arrays = open_prepared(out)
-    tokens, ref_ids = arrays["train_tokens"], arrays["train_ref_ids"]
+    tokens, ref_ids = arrays["continual_tokens"], arrays["continual_ref_ids"]
     assert (ref_ids >= 0).mean() > 0.5  # most chunks found something
     for i in range(len(tokens)):
         for j in set(ref_ids[i][ref_ids[i] >= 0].tolist()):
@@ -71,11 +73,20 @@ def test_every_chunk_reference_respects_the_leakage_filter(prepared):
 def test_loader_reads_what_prepare_wrote(prepared):
     _, out, _ = prepared
     _, arrays = open_prepared(out)
-    loader = StepLoader({"tokens": arrays["train_tokens"], "ref_ids": arrays["train_ref_ids"]}, 4, seed=0)
+    loader = StepLoader({"tokens": arrays["continual_tokens"], "ref_ids": arrays["continual_ref_ids"]}, 4, seed=0)
     rows = loader.indices(2)
     batch = loader.batch(2)
-    np.testing.assert_array_equal(batch["tokens"], arrays["train_tokens"][rows])
-    np.testing.assert_array_equal(batch["ref_ids"], arrays["train_ref_ids"][rows])
+    np.testing.assert_array_equal(batch["tokens"], arrays["continual_tokens"][rows])
+    np.testing.assert_array_equal(batch["ref_ids"], arrays["continual_ref_ids"][rows])
+
+
+def test_continual_subset(tmp_path):
+    cfg = config_lib.load("tiny", {"data.continual_sequences": 5})
+    prepare(cfg, None, tmp_path / "p", documents=synthetic(), progress=False)
+    _, arrays = open_prepared(tmp_path / "p")
+    assert arrays["continual_tokens"].shape[0] == arrays["continual_ref_ids"].shape[0] == 5
+    train = {row.tobytes() for row in np.asarray(arrays["train_tokens"])}
+    assert all(row.tobytes() in train for row in np.asarray(arrays["continual_tokens"]))
 
 
 def test_failures_leave_nothing_that_looks_complete(prepared, tmp_path):

@@ -4,7 +4,9 @@ Steps: parse the corpus and the knowledge base; hold out ~1% of corpus documents
 train the SentencePiece vocabulary on the training corpus; tokenize and pack the corpus into
 sequences of `seq_len` tokens (documents joined with `</s>`); split knowledge-base text into
 references of <= reference_len tokens; retrieve one reference per 64-token chunk (BM25 over the
-references), dropping any whose overlap with the sequence exceeds the leakage threshold.
+references), dropping any whose overlap with the sequence exceeds the leakage threshold. Retrieval
+runs for every held-out sequence and for `data.continual_sequences` training sequences (a fixed
+random subset; all when None): stage 2 sees far fewer tokens than stage 1 (120B vs 3.1T in the paper).
 
 Everything is written into a temporary folder that is renamed into place at the end, so an
 interrupted run never leaves outputs that look complete.
@@ -26,7 +28,8 @@ from m3jax.data.split import is_heldout
 from m3jax.retrieval.leakage import leaking_references
 
 FORMAT = "m3jax-prepared-data-1"
-ARRAYS = ("train_tokens", "heldout_tokens", "train_ref_ids", "heldout_ref_ids", "ref_tokens", "ref_lengths")
+ARRAYS = ("train_tokens", "heldout_tokens", "continual_tokens", "continual_ref_ids", "heldout_ref_ids", "ref_tokens",
+          "ref_lengths")
 
 
 def pack(docs_tokens, seq_len: int, eos: int = tok.EOS) -> np.ndarray:
@@ -113,11 +116,15 @@ def prepare(cfg, cache_dir, out_dir, *, fetch_fn=None, documents=None, progress=
     arrays.update(ref_tokens=ref_tokens, ref_lengths=ref_lengths)
 
     retriever = BM25Retriever.build(ref_texts)
-    for split in ("train", "heldout"):
+    n_train, wanted = len(arrays["train_tokens"]), cfg.data.continual_sequences
+    subset = np.arange(n_train) if wanted is None or wanted >= n_train else np.sort(
+        np.random.default_rng(cfg.data.seed).choice(n_train, wanted, replace=False))
+    arrays["continual_tokens"] = arrays["train_tokens"][subset]
+    for split in ("continual", "heldout"):
         arrays[f"{split}_ref_ids"] = retrieve_for_chunks(
             arrays[f"{split}_tokens"], chunk_len, retriever, tokenizer.decode, ref_tokens, ref_lengths,
             cfg.memory.leak_threshold_train, progress=progress)
-    for name in ("train_tokens", "heldout_tokens"):
+    for name in ("train_tokens", "heldout_tokens", "continual_tokens"):
         arrays[name] = arrays[name].astype(np.uint16)
     checksums = {}
     for name, array in arrays.items():
