@@ -2,7 +2,7 @@
 
 Commands:
   info             parameter counts, memory size per reference, sparsity and bank sizes of a config
-  demo             what runs end to end today: write memories with a random-weight model and read them
+  demo             prepared data -> memory bank -> held-out loss with and without memory (--data_dir)
   memory build     encode a knowledge base (--references=kb.npz) into a bank (--bank=DIR); resumable
   memory info      what a bank holds (--bank=DIR)
   memory verify    read every memory of a bank, checking checksums and truncation (--bank=DIR)
@@ -11,6 +11,7 @@ Commands:
 """
 from __future__ import annotations
 
+import pathlib
 import sys
 
 from absl import app, flags, logging
@@ -20,7 +21,6 @@ from m3jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (or a name in configs/: tiny, small, "
                                           "m3_0p92b, m3_2p4b); override fields with --config.model.x=y.")
-flags.DEFINE_integer("seed", 0, "Random seed (demo).")
 flags.DEFINE_string("checkpoint", "random", "Model weights: a checkpoint directory, or random[:SEED].")
 flags.DEFINE_string("references", None, "Knowledge base: .npz with tokens (N, L) and lengths (N,).")
 flags.DEFINE_string("bank", None, "Memory bank path (local directory or gs://bucket/path).")
@@ -79,10 +79,11 @@ def info(cfg) -> None:
 
 @command("demo")
 def demo(cfg) -> None:
-    """Write memories for random references and read them, with a random-weight model."""
+    """Prepared data -> memory bank -> held-out loss with and without memory (random weights for now)."""
     from m3jax.demo import run_demo
 
-    run_demo(cfg, seed=flags.FLAGS.seed)
+    bank = flags.FLAGS.bank or str(pathlib.Path(flags.FLAGS.data_dir).parent / "bank")
+    run_demo(cfg, flags.FLAGS.data_dir, bank, flags.FLAGS.checkpoint)
 
 
 @command("memory build")

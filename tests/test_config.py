@@ -93,9 +93,3 @@ def test_cli_bad_config_is_one_clear_line():
     assert out.returncode == 2 and "no config file 'missing'" in out.stderr and "Traceback" not in out.stderr
     out = m3jax("frobnicate", "--config=tiny")
     assert out.returncode != 0 and "usage: m3jax <info|demo|memory build" in out.stderr
-
-
-def test_cli_demo_runs_and_memory_matters():
-    out = m3jax("demo", "--config=tiny")
-    assert out.returncode == 0, out.stderr
-    assert "random weights" in out.stdout and "with every memory masked out" in out.stdout

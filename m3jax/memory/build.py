@@ -27,7 +27,13 @@ def _crash_point(name: str, step: int) -> None:
 
 
 def load_references(path: str):
-    """A knowledge base as arrays: an .npz with `tokens` (N, L) and `lengths` (N,)."""
+    """A knowledge base as arrays: a prepared data folder (`m3jax data prepare`), or an .npz with `tokens`
+    (N, L) and `lengths` (N,)."""
+    if os.path.isdir(path):
+        from m3jax.data.prepare import open_prepared
+
+        _, arrays = open_prepared(path)
+        return np.asarray(arrays["ref_tokens"]), np.asarray(arrays["ref_lengths"])
     try:
         with np.load(path) as data:
             return data["tokens"], data["lengths"]
