@@ -80,6 +80,22 @@ def base_config() -> ml_collections.ConfigDict:
     # (7.17 PiB / 45.9 TiB / 4.02 TiB) all imply 1.12e8, which is what is kept here.
     mem.bank_references = 112_000_000
 
+    t = cfg.train = ml_collections.ConfigDict()
+    t.stage = 1  # 1: warmup, plain LM; 2: continual train with memory (starts from a stage-1 checkpoint)
+    t.steps = 1000
+    t.batch_size = 8  # global, in sequences
+    t.accum_steps = 1  # micro-batches per step (gradient accumulation inside the step)
+    t.lr = 6e-4  # peak; the paper: ~6-8e-4 in stage 1, ~5e-5 in stage 2
+    t.warmup_steps = 100
+    t.decay_fraction = 0.1  # warmup-stable-decay: the last 10% of steps decay linearly
+    t.min_lr_ratio = 0.1
+    t.b1, t.b2, t.eps = 0.9, 0.95, 1e-8
+    t.weight_decay = 0.1
+    t.decay_norms_and_embeddings = False
+    t.clip_norm = 1.0
+    t.mesh = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices: FSDP by default
+    t.seed = 0
+
     d = cfg.data = ml_collections.ConfigDict()
     d.seq_len = 2048
     d.heldout_fraction = 0.01  # of corpus documents, by a stable hash of the document id
@@ -112,7 +128,7 @@ def _positive(cfg, path: str) -> None:
 
 def validate(cfg) -> ml_collections.ConfigDict:
     """Raise ConfigError naming the field if `cfg` cannot build a working model; return cfg."""
-    for section in ("model", "memory", "data"):
+    for section in ("model", "memory", "data", "train"):
         if section not in cfg:
             raise ConfigError(f"config has no '{section}' section")
     m, mem = cfg.model, cfg.memory
@@ -123,6 +139,17 @@ def validate(cfg) -> ml_collections.ConfigDict:
               "train_window"):
         _positive(cfg, f"memory.{f}")
     _positive(cfg, "data.seq_len")
+    tr = cfg.train
+    if tr.stage not in (1, 2):
+        raise ConfigError(f"train.stage must be 1 (warmup) or 2 (continual train with memory), got {tr.stage!r}")
+    for f in ("steps", "batch_size", "accum_steps"):
+        _positive(cfg, f"train.{f}")
+    if tr.batch_size % tr.accum_steps:
+        raise ConfigError(f"train.accum_steps ({tr.accum_steps}) must divide train.batch_size ({tr.batch_size})")
+    if len(tuple(tr.mesh)) != 3:
+        raise ConfigError(f"train.mesh must have 3 axes (data, fsdp, tensor), got {tuple(tr.mesh)}")
+    if not 0 <= tr.decay_fraction <= 1 or tr.lr <= 0 or tr.warmup_steps < 0:
+        raise ConfigError("train.lr must be > 0, train.warmup_steps >= 0, train.decay_fraction in [0, 1]")
     if not 0 < cfg.data.heldout_fraction < 1:
         raise ConfigError(f"data.heldout_fraction must be in (0, 1), got {cfg.data.heldout_fraction}")
     if m.num_heads % m.num_kv_heads:
