@@ -8,6 +8,7 @@ Commands:
   memory verify    read every memory of a bank, checking checksums and truncation (--bank=DIR)
   memory compression   bytes per reference and reconstruction error of bf16 / int8 / vq (--references)
   data prepare     fetch the default data and write the arrays training reads (--data_dir, --cache_dir)
+  train            stage 1 or 2 (--config.train.stage) on prepared data into --workdir; resumes by itself
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ flags.DEFINE_enum("compression", "bf16", ["bf16", "int8", "vq"], "How a new bank
 flags.DEFINE_integer("batch_size", 64, "References encoded per step (split over local devices).")
 flags.DEFINE_string("data_dir", "runs/data", "Prepared data (arrays, tokenizer, references).")
 flags.DEFINE_string("cache_dir", "runs/cache", "Downloaded and unpacked source packages.")
+flags.DEFINE_string("workdir", None, "Training run directory (checkpoints, metrics, resolved config).")
+flags.DEFINE_string("init_from", None, "Stage 2: the stage-1 run directory to start from.")
+flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
+flags.DEFINE_integer("log_every", 10, "Steps between metric lines.")
 
 COMMANDS = {}
 NO_CONFIG = {"memory info", "memory verify"}
@@ -124,6 +129,16 @@ def data_prepare(cfg) -> None:
           f"{shapes['ref_tokens'][0]:,} references, vocabulary {meta['vocab_size']:,}")
 
 
+@command("train")
+def train_cmd(cfg) -> None:
+    from m3jax.train.loop import train
+
+    result = train(cfg, flags.FLAGS.data_dir, _required("workdir"), init_from=flags.FLAGS.init_from,
+                   checkpoint_every=flags.FLAGS.checkpoint_every, log_every=flags.FLAGS.log_every)
+    print(f"stage {cfg.train.stage}: step {result['step']}, last loss {result['loss']:.4f}; checkpoints, metrics.jsonl "
+          f"and config.json in {result['workdir']}")
+
+
 @command("memory info")
 def memory_info(_) -> None:
     from m3jax.memory.bank import MemoryBank
@@ -167,11 +182,14 @@ def main(argv) -> None:
     if _CONFIG.value is None and name not in NO_CONFIG:
         raise app.UsageError("--config is required (a file, or one of: tiny, small, m3_0p92b, m3_2p4b)")
     from m3jax.memory.bank import BankError
+    from m3jax.train.loop import TrainingDiverged
 
+    except_types = (config_lib.ConfigError, ValueError, IndexError, BankError, FileNotFoundError, FileExistsError,
+                    TrainingDiverged)
     try:
         cfg = config_lib.validate(_CONFIG.value) if _CONFIG.value is not None else None
         COMMANDS[name](cfg)
-    except (config_lib.ConfigError, ValueError, IndexError, BankError, FileNotFoundError, FileExistsError) as e:
+    except except_types as e:
         print(f"m3jax {name}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

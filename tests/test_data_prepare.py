@@ -1,5 +1,4 @@
 """`prepare` on synthetic documents: arrays, tokenizer, references, retrieval with the leakage filter."""
-import collections
 import subprocess
 import sys
 
@@ -11,23 +10,7 @@ from m3jax.data.loader import StepLoader
 from m3jax.data.prepare import open_prepared, prepare
 from m3jax.data.tokenizer import Tokenizer
 from m3jax.retrieval.leakage import overlap
-
-Doc = collections.namedtuple("Doc", "source doc_id title text")
-
-
-def synthetic(seed=0):
-    rng = np.random.default_rng(seed)
-    letters = list("abcdefghijklmnopqrstuvwxyz")
-    words = ["".join(rng.choice(letters, rng.integers(2, 9))) for _ in range(1500)]
-
-    def text(n):
-        return " ".join(" ".join(rng.choice(words, rng.integers(5, 13))).capitalize() + "." for _ in range(n))
-
-    knowledge = [Doc("wiki", f"wiki:{i}", f"T{i}", text(3)) for i in range(40)]
-    corpus = [Doc("book", f"book:{i}", f"B{i}", text(12)) for i in range(400)]
-    planted = corpus[7]._replace(text=corpus[7].text + " " + knowledge[5].text)  # a leak to catch
-    corpus[7] = planted
-    return corpus, knowledge
+from synthetic_data import synthetic
 
 
 @pytest.fixture(scope="module")
