@@ -21,13 +21,18 @@ def save_model(path, model) -> pathlib.Path:
 
 
 def load_model(cfg, checkpoint: str) -> Memory3:
-    """`random` / `random:SEED`: fresh weights; otherwise a directory written by `save_model`."""
+    """`random` / `random:SEED`: fresh weights; a training run directory (`m3jax train --workdir`): its last
+    checkpoint; otherwise a directory written by `save_model`."""
     if checkpoint == "random" or checkpoint.startswith("random:"):
         seed = int(checkpoint.partition(":")[2] or 0)
         return Memory3(cfg, rngs=nnx.Rngs(seed))
     path = pathlib.Path(checkpoint).absolute()
     if not path.exists():
         raise ValueError(f"no checkpoint at {checkpoint} (use --checkpoint=random for random weights)")
+    if (path / "checkpoints").is_dir():
+        from m3jax.train.loop import restore_params
+
+        return nnx.merge(*restore_params(cfg, path))
     graphdef, abstract, rest = nnx.split(nnx.eval_shape(lambda: Memory3(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
     with ocp.StandardCheckpointer() as ckptr:
         try:

@@ -48,8 +48,33 @@ def _check_data(cfg, meta) -> None:
         raise ValueError("the prepared data does not fit the config: " + "; ".join(problems))
 
 
-def _stage1_params(cfg, run_dir, abstract_state):
-    """Parameters of the last checkpoint of the stage-1 run in `run_dir`; refused if the model differs."""
+def _setup(cfg):
+    """Abstract model and train state (with shardings), optimizer and jitted step on this host's mesh.
+
+    Nothing is initialised here: `_init_state` builds the real state by a jitted init whose outputs are
+    already sharded, so no device ever holds the whole model unsharded.
+    """
+    t = cfg.train
+    mesh = sharding.make_mesh(tuple(t.mesh))
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Memory3(cfg, rngs=nnx.Rngs(t.seed))))
+    tx, schedule = make_optimizer(t, params)
+    step_fn, state_sh, batch_sh = make_train_step(cfg, graphdef, params, tx, schedule, mesh)
+    shapes = jax.eval_shape(lambda: {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)})
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sh)
+    return graphdef, tx, step_fn, state_sh, batch_sh, abstract
+
+
+def _init_state(cfg, tx, state_sh, params=None):
+    def init(params):
+        if params is None:
+            params = nnx.state(Memory3(cfg, rngs=nnx.Rngs(cfg.train.seed)))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    return jax.jit(init, out_shardings=state_sh)(params)
+
+
+def restore_params(cfg, run_dir, abstract_state=None):
+    """(graphdef, parameters) of the last checkpoint of the training run in `run_dir`; refused if that run
+    trained another model than `cfg` describes."""
     run_dir = pathlib.Path(run_dir).absolute()
     if not (run_dir / "config.json").is_file():
         raise ValueError(f"{run_dir} is not a training run (no config.json)")
@@ -59,11 +84,13 @@ def _stage1_params(cfg, run_dir, abstract_state):
     if saved["model"] != ours["model"] or any(saved["memory"][k] != ours["memory"][k] for k in layout):
         raise ValueError(f"the run in {run_dir} trained another model (model config differs); stage 2 must "
                          "continue the same model")
+    graphdef, *_, abstract = _setup(cfg)
+    abstract = abstract_state if abstract_state is not None else abstract
     with ocp.CheckpointManager(run_dir / "checkpoints") as mngr:
         step = mngr.latest_step()
         if step is None:
             raise ValueError(f"no checkpoint in {run_dir / 'checkpoints'}")
-        return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))["params"]
+        return graphdef, mngr.restore(step, args=ocp.args.StandardRestore(abstract))["params"]
 
 
 def _batches(cfg, arrays):
@@ -98,13 +125,7 @@ def train(cfg, data_dir, workdir, *, init_from=None, progress=True, log_every=10
     workdir.mkdir(parents=True, exist_ok=True)
     config_lib.save_resolved(cfg, workdir)
 
-    mesh = sharding.make_mesh(tuple(t.mesh))
-    graphdef, params = nnx.split(Memory3(cfg, rngs=nnx.Rngs(t.seed)))
-    tx, schedule = make_optimizer(t, params)
-    step_fn, state_sh, batch_sh = make_train_step(cfg, graphdef, params, tx, schedule, mesh)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            jax.eval_shape(lambda: {"step": jnp.zeros((), jnp.int32), "params": params,
-                                                    "opt_state": tx.init(params)}), state_sh)
+    graphdef, tx, step_fn, state_sh, batch_sh, abstract = _setup(cfg)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=milestone_every,
                                            enable_async_checkpointing=True)
     mngr = ocp.CheckpointManager(workdir / "checkpoints", options=options)
@@ -112,10 +133,8 @@ def train(cfg, data_dir, workdir, *, init_from=None, progress=True, log_every=10
     if start is not None:  # resume: the whole state, placed by its shardings
         state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
     else:
-        if t.stage == 2:
-            params = _stage1_params(cfg, init_from, abstract)
-        state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)},
-                               state_sh)
+        params = restore_params(cfg, init_from, abstract)[1] if t.stage == 2 else None
+        state = _init_state(cfg, tx, state_sh, params)
         start = 0
     loader, to_batch = _batches(cfg, arrays)
     log = open(workdir / "metrics.jsonl", "a")
