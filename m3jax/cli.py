@@ -2,7 +2,7 @@
 
 Commands:
   info             parameter counts, memory size per reference, sparsity and bank sizes of a config
-  demo             prepared data -> memory bank -> held-out loss with and without memory (--data_dir)
+  demo             held-out loss with and without memory of the runs in --workdir/stage1, /stage2
   memory build     encode a knowledge base (--references=kb.npz) into a bank (--bank=DIR); resumable
   memory info      what a bank holds (--bank=DIR)
   memory verify    read every memory of a bank, checking checksums and truncation (--bank=DIR)
@@ -84,11 +84,12 @@ def info(cfg) -> None:
 
 @command("demo")
 def demo(cfg) -> None:
-    """Prepared data -> memory bank -> held-out loss with and without memory (random weights for now)."""
-    from m3jax.demo import run_demo
+    """Held-out loss with and without memory for the stage-1 and stage-2 runs in --workdir."""
+    from m3jax.demo import heldout_losses, print_report
 
-    bank = flags.FLAGS.bank or str(pathlib.Path(flags.FLAGS.data_dir).parent / "bank")
-    run_demo(cfg, flags.FLAGS.data_dir, bank, flags.FLAGS.checkpoint)
+    work = pathlib.Path(_required("workdir"))
+    bank = flags.FLAGS.bank or str(work / "bank")
+    print_report(heldout_losses(cfg, flags.FLAGS.data_dir, str(work / "stage1"), str(work / "stage2"), bank))
 
 
 @command("memory build")

@@ -1,10 +1,14 @@
-"""What runs end to end today on the default data, with random weights (training lands with the
-training issue): prepared data -> memory bank of the knowledge base -> held-out loss with and without
-the memories each chunk retrieved. With random weights the two losses are close to log(vocab); the
-point is that every piece runs on real data."""
+"""The end of `make demo`: held-out loss with and without memory, for the stage-1 and stage-2 weights.
+
+- stage 1 (warmup, never trained with memory): memories come from the bank that the stage-1 weights
+  wrote for the knowledge base (`m3jax memory build`), one retrieved reference per chunk;
+- stage 2 (continual train with memory): the same references encoded by the stage-2 weights, as in
+  its training step (a bank written by stage-1 weights is not valid for them, Remark 9).
+Each chunk reads the memories of chunks c-4..c (the stage-2 layout).
+"""
 from __future__ import annotations
 
-import pathlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,39 +17,64 @@ from flax import nnx
 
 from m3jax.checkpoint import load_model
 from m3jax.data.prepare import open_prepared
-from m3jax.memory.build import build_bank
-from m3jax.memory.cache import NO_REFERENCE, CachedBankReader
+from m3jax.memory.bank import MemoryBank
+from m3jax.memory.cache import CachedBankReader
+from m3jax.memory.fingerprint import weights_fingerprint
 from m3jax.train.loss import lm_loss
+from m3jax.train.step import batch_memory
 
 
-def _loss(graphdef, state, tokens, memory):
+@jax.jit
+def _loss_with(graphdef, state, tokens, memory):
     total, count = lm_loss(nnx.merge(graphdef, state)(tokens, memory=memory), tokens)
-    return total / count
+    return total, count
 
 
-_loss_jit = jax.jit(_loss)
+@functools.partial(jax.jit, static_argnums=5)
+def _loss_encoding(graphdef, state, tokens, ref_tokens, ref_lengths, window):
+    model = nnx.merge(graphdef, state)
+    memory = batch_memory(model, ref_tokens, ref_lengths, window, grad_through=False)
+    return lm_loss(model(tokens, memory=memory), tokens)
 
 
-def run_demo(cfg, data_dir, bank_path, checkpoint: str = "random", sequences: int = 8) -> dict:
-    meta, arrays = open_prepared(data_dir)
-    if meta["seq_len"] != cfg.data.seq_len or meta["chunk_len"] != cfg.memory.chunk_len:
-        raise ValueError(f"{data_dir} was prepared for sequences of {meta['seq_len']} / chunks of {meta['chunk_len']}, "
-                         f"config {cfg.name} has {cfg.data.seq_len} / {cfg.memory.chunk_len}")
-    print(f"m3jax demo: {checkpoint} weights on the prepared data in {data_dir} (training: not yet)")
-    model = load_model(cfg, checkpoint)
-    bank, stats = build_bank(model, np.asarray(arrays["ref_tokens"]), np.asarray(arrays["ref_lengths"]),
-                             str(bank_path), batch_size=256)
-    print(f"memory bank {bank_path}: {bank.count:,} references ({stats['written']:,} written now)")
-    n = min(sequences, len(arrays["heldout_tokens"]))
-    tokens = jnp.asarray(np.asarray(arrays["heldout_tokens"][:n]).astype(np.int32))
-    ids = np.asarray(arrays["heldout_ref_ids"][:n])[..., None]  # (B, C, 1): stage-2 layout, one per chunk
-    memory = CachedBankReader(bank).memory_inputs(ids, window=cfg.memory.train_window)
-    graphdef, state = nnx.split(model)
-    with_memory = float(_loss_jit(graphdef, state, tokens, jax.device_put(memory)))
-    without = float(_loss_jit(graphdef, state, tokens, None))
-    found = float((ids != NO_REFERENCE).mean())
-    print(f"held-out loss over {n} sequences of {tokens.shape[1]} tokens: {without:.4f} without memory, "
-          f"{with_memory:.4f} with memory ({found:.0%} of chunks retrieved a reference); log(vocab) = "
-          f"{np.log(meta['vocab_size']):.4f}")
-    return {"loss_without_memory": without, "loss_with_memory": with_memory,
-            "bank": str(pathlib.Path(bank_path)), "references": bank.count}
+def _heldout_batches(arrays, batch: int, limit: int):
+    n = min(limit, len(arrays["heldout_tokens"]))
+    ref_tokens, ref_lengths = np.asarray(arrays["ref_tokens"]), np.asarray(arrays["ref_lengths"])
+    for lo in range(0, n - batch + 1, batch):
+        ids = np.asarray(arrays["heldout_ref_ids"][lo:lo + batch])
+        found = ids >= 0
+        yield (np.asarray(arrays["heldout_tokens"][lo:lo + batch]).astype(np.int32), ids,
+               np.where(found[..., None], ref_tokens[np.maximum(ids, 0)], 0).astype(np.int32),
+               np.where(found, ref_lengths[np.maximum(ids, 0)], 0).astype(np.int32))
+
+
+def heldout_losses(cfg, data_dir, stage1, stage2, bank_path, batch: int = 16, limit: int = 256) -> dict:
+    _, arrays = open_prepared(data_dir)
+    window = cfg.memory.train_window
+    batch = max(1, min(batch, len(arrays["heldout_tokens"])))
+    m1, m2 = load_model(cfg, stage1), load_model(cfg, stage2)
+    bank = MemoryBank.open(bank_path, fingerprint=weights_fingerprint(m1), cfg=cfg)
+    reader = CachedBankReader(bank)
+    (g1, s1), (g2, s2) = nnx.split(m1), nnx.split(m2)
+    sums = np.zeros((4, 2))
+    for tokens, ids, ref_tokens, ref_lengths in _heldout_batches(arrays, batch, limit):
+        memory = reader.memory_inputs(ids[..., None], window)
+        for row, value in enumerate([_loss_with(g1, s1, tokens, None), _loss_with(g1, s1, tokens, memory),
+                                     _loss_with(g2, s2, tokens, None),
+                                     _loss_encoding(g2, s2, tokens, ref_tokens, ref_lengths, window)]):
+            sums[row] += np.asarray(jax.device_get(value), np.float64)
+    if not sums[0, 1]:
+        raise ValueError(f"{data_dir} has no held-out sequences")
+    losses = sums[:, 0] / sums[:, 1]
+    names = ("stage1_without_memory", "stage1_with_memory", "stage2_without_memory", "stage2_with_memory")
+    return {**dict(zip(names, map(float, losses))), "tokens": int(sums[0, 1]),
+            "chunks_with_reference": float((np.asarray(arrays["heldout_ref_ids"]) >= 0).mean())}
+
+
+def print_report(result: dict) -> None:
+    print(f"held-out loss over {result['tokens']:,} tokens ({result['chunks_with_reference']:.0%} of chunks retrieved a "
+          "reference):")
+    print(f"  stage 1 (warmup) weights:    {result['stage1_without_memory']:.4f} without memory, "
+          f"{result['stage1_with_memory']:.4f} with memory from the bank")
+    print(f"  stage 2 (continual) weights: {result['stage2_without_memory']:.4f} without memory, "
+          f"{result['stage2_with_memory']:.4f} with memory")

@@ -92,13 +92,9 @@ def test_failures_leave_nothing_that_looks_complete(prepared, tmp_path):
         open_prepared(tmp_path / "nothing")
 
 
-def test_cli_memory_build_from_prepared_data_and_demo(prepared, tmp_path):
+def test_cli_memory_build_from_prepared_data(prepared, tmp_path):
     _, out, _ = prepared
-    run = lambda *a: subprocess.run([sys.executable, "-m", "m3jax.cli", *a], capture_output=True, text=True)  # noqa: E731
-    built = run("memory", "build", "--config=tiny", f"--references={out}", f"--bank={tmp_path / 'bank'}")
+    built = subprocess.run([sys.executable, "-m", "m3jax.cli", "memory", "build", "--config=tiny", f"--references={out}",
+                            f"--bank={tmp_path / 'bank'}"], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
-    demo = run("demo", "--config=tiny", f"--data_dir={out}", f"--bank={tmp_path / 'bank'}")
-    assert demo.returncode == 0, demo.stderr
-    assert "random weights" in demo.stdout and "without memory" in demo.stdout and "with memory" in demo.stdout
-    missing = run("demo", "--config=tiny", f"--data_dir={tmp_path / 'none'}")
-    assert missing.returncode == 2 and "run `m3jax data prepare`" in missing.stderr
+    assert "references" in built.stdout

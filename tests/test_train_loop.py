@@ -72,3 +72,23 @@ def test_divergence_stops_with_the_last_good_checkpoint(data, tmp_path):
 def test_data_that_does_not_fit_the_config(data, tmp_path):
     with pytest.raises(ValueError, match="does not fit the config: sequences of 128 tokens, config data.seq_len=64"):
         train(config_lib.load("tiny", {**STEPS, "data.seq_len": 64}), data, tmp_path / "run", progress=False)
+
+
+def test_demo_pipeline_through_the_cli(data, tmp_path):
+    """What `make demo` runs after `data prepare`: stage 1, bank with stage-1 weights, stage 2, losses."""
+    def run(*args):
+        out = subprocess.run([sys.executable, "-m", "m3jax.cli", "--config=tiny", f"--data_dir={data}",
+                              "--config.train.batch_size=8", "--config.train.warmup_steps=2", *args],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    run("train", f"--workdir={tmp_path / 'stage1'}", "--config.train.steps=6")
+    run("memory", "build", f"--checkpoint={tmp_path / 'stage1'}", f"--references={data}", f"--bank={tmp_path / 'bank'}")
+    run("train", f"--workdir={tmp_path / 'stage2'}", f"--init_from={tmp_path / 'stage1'}", "--config.train.stage=2",
+        "--config.train.steps=4")
+    report = run("demo", f"--workdir={tmp_path}")
+    assert "stage 1 (warmup) weights" in report and "stage 2 (continual) weights" in report
+    other = subprocess.run([sys.executable, "-m", "m3jax.cli", "demo", "--config=tiny", f"--data_dir={data}",
+                            f"--workdir={tmp_path}", f"--bank={tmp_path / 'nothing'}"], capture_output=True, text=True)
+    assert other.returncode == 2 and "no memory bank" in other.stderr
