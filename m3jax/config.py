@@ -100,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.seq_len = 2048
     d.heldout_fraction = 0.01  # of corpus documents, by a stable hash of the document id
     d.continual_sequences = None  # training sequences that get retrieved references for stage 2 (None: all)
+    d.max_corpus_documents = None  # a prefix of the corpus (None: all); small configs use less
+    d.max_knowledge_documents = None  # wiki summaries first, then dictionary entries (None: all)
+    d.tokenizer_sentences = 2_000_000  # lines sampled to train the SentencePiece vocabulary
     d.seed = 0
     return cfg
 

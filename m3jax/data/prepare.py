@@ -59,7 +59,7 @@ def retrieve_for_chunks(sequences, chunk_len, retriever, decode, ref_tokens, ref
     return out
 
 
-def prepare(cfg, cache_dir, out_dir, *, fetch_fn=None, documents=None, progress=True, max_corpus_docs=None) -> dict:
+def prepare(cfg, cache_dir, out_dir, *, fetch_fn=None, documents=None, progress=True) -> dict:
     """Run the whole preparation; returns the metadata written to out_dir/meta.json.
 
     documents: optionally (corpus, knowledge) iterables of Documents instead of fetching (tests).
@@ -80,12 +80,13 @@ def prepare(cfg, cache_dir, out_dir, *, fetch_fn=None, documents=None, progress=
     train_docs, heldout_docs = [], []
     for doc in tqdm(corpus, desc="reading corpus", unit="doc", disable=not progress):
         (heldout_docs if is_heldout(doc.doc_id, cfg.data.heldout_fraction) else train_docs).append(doc)
-        if max_corpus_docs and len(train_docs) + len(heldout_docs) >= max_corpus_docs:
+        if cfg.data.max_corpus_documents and len(train_docs) + len(heldout_docs) >= cfg.data.max_corpus_documents:
             break
     if not train_docs or not heldout_docs:
         raise ValueError(f"the corpus gave {len(train_docs)} training and {len(heldout_docs)} held-out documents; "
                          "both must be non-empty")
-    knowledge = list(knowledge)
+    # the encyclopedic summaries first: a limit on the knowledge base cuts dictionary entries
+    knowledge = sorted(knowledge, key=lambda d: d.source != "wiki")[:cfg.data.max_knowledge_documents]
     if not knowledge:
         raise ValueError("the knowledge base is empty")
 
@@ -93,7 +94,8 @@ def prepare(cfg, cache_dir, out_dir, *, fetch_fn=None, documents=None, progress=
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     lines = (line for d in train_docs for line in d.text.splitlines() if line.strip())
-    tokenizer = tok.Tokenizer(tok.train(lines, tmp / "tokenizer.model", cfg.model.vocab_size))
+    tokenizer = tok.Tokenizer(tok.train(lines, tmp / "tokenizer.model", cfg.model.vocab_size,
+                                        max_sentences=cfg.data.tokenizer_sentences))
     if tokenizer.vocab_size > np.iinfo(np.uint16).max:
         raise ValueError("vocabularies over 65535 tokens do not fit the uint16 token arrays")
 
@@ -136,7 +138,8 @@ def prepare(cfg, cache_dir, out_dir, *, fetch_fn=None, documents=None, progress=
         "vocab_size": tokenizer.vocab_size, "reference_prefix_ids": list(tok.REFERENCE_PREFIX),
         "bos_id": tok.BOS, "eos_id": tok.EOS, "pad_id": tok.PAD, "tokenizer": tokenizer.fingerprint(),
         "heldout_fraction": cfg.data.heldout_fraction, "leak_threshold": cfg.memory.leak_threshold_train,
-        "retriever": "bm25", "documents": {"train": len(train_docs), "heldout": len(heldout_docs),
+        "retriever": "bm25", "limits": {k: cfg.data[k] for k in ("max_corpus_documents", "max_knowledge_documents",
+                                                                 "continual_sequences")}, "documents": {"train": len(train_docs), "heldout": len(heldout_docs),
                                            "knowledge": len(knowledge)},
         "shapes": {k: list(v.shape) for k, v in arrays.items()}, "sha256": checksums,
         "seconds": round(time.time() - began, 1),
