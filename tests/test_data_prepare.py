@@ -98,3 +98,24 @@ def test_cli_memory_build_from_prepared_data(prepared, tmp_path):
                             f"--bank={tmp_path / 'bank'}"], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
     assert "references" in built.stdout
+
+
+def test_chunk_alignment_survives_packing():
+    """Chunk c of a packed sequence is queried with exactly its own 64 (here 4) tokens, in order."""
+    from m3jax.data.prepare import pack, retrieve_for_chunks
+
+    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+    sequences = pack(docs, seq_len=8)
+    np.testing.assert_array_equal(sequences, [[5, 6, 7, 2, 8, 9, 2, 10]])  # </s> = 2 closes each document
+
+    class Recorder:
+        queries = []
+
+        def retrieve(self, texts, k):
+            self.queries.extend(texts)
+            return np.zeros((len(texts), k), np.float32), np.full((len(texts), k), -1)
+
+    recorder = Recorder()
+    ids = retrieve_for_chunks(sequences, 4, recorder, lambda t: " ".join(map(str, t)), np.zeros((1, 4), np.uint16),
+                              np.ones(1, np.int32), 0.9, progress=False)
+    assert recorder.queries == ["5 6 7 2", "8 9 2 10"] and ids.shape == (1, 2) and (ids == -1).all()

@@ -43,6 +43,11 @@ class MemoryInputs:
     window: int = flax.struct.field(pytree_node=False, default=1)
 
 
+# Streams are padded to a multiple of this (masked keys, dropped outputs): cuDNN's fused attention
+# refuses odd lengths when differentiated (seen on an H200: "Unsupported sequence length Q 2051").
+STREAM_MULTIPLE = 8
+
+
 def _segments(cfg):
     """(first_layer, num_layers, is_memory) runs of the stack: before, at and after the memory layers."""
     mem = memory_layer_range(cfg)
@@ -93,8 +98,11 @@ class Memory3(nnx.Module):
             raise ValueError(f"padding_mask has shape {padding_mask.shape}, expected {(b, t)} like tokens")
         elif _is_concrete(padding_mask) and np.any(np.diff(np.asarray(padding_mask, np.int8), axis=1) > 0):
             raise ValueError("padding_mask must be right padding: no real token after a padding position")
-        stream = jnp.concatenate([jnp.broadcast_to(self.sink_ids(), (b, s)), tokens], axis=1)
-        cos, sin = rope_angles(self.stream_positions(t), self.cfg.model.head_dim, self.cfg.model.rope_theta)
+        extra = (-(s + t)) % STREAM_MULTIPLE
+        stream = jnp.concatenate([jnp.broadcast_to(self.sink_ids(), (b, s)), tokens,
+                                  jnp.full((b, extra), self.cfg.model.pad_id, jnp.int32)], axis=1)
+        padding_mask = jnp.concatenate([padding_mask.astype(bool), jnp.zeros((b, extra), bool)], axis=1)
+        cos, sin = rope_angles(self.stream_positions(t + extra), self.cfg.model.head_dim, self.cfg.model.rope_theta)
         mask = context_mask(padding_mask, s, self.cfg.memory.chunk_len)
         if memory is not None:
             mem_k, mem_v, mem_chunk, mem_valid = self._memory_layout(memory, b, t)
@@ -105,7 +113,7 @@ class Memory3(nnx.Module):
                 h, _ = seg(h, cos, sin, mem_mask, (mem_k, mem_v))
             else:
                 h, _ = seg(h, cos, sin, mask)
-        return self._logits(self.norm(h[:, s:]))
+        return self._logits(self.norm(h[:, s:s + t]))
 
     def _memory_layout(self, memory: MemoryInputs, b: int, t: int):
         """MemoryInputs -> per-layer keys/values (layers, B, Nm, Hkv, D), slot chunk ids, slot validity."""
@@ -150,6 +158,9 @@ class Memory3(nnx.Module):
                 raise ValueError(f"ref_lengths must be in [1, {length}], got {lengths.min()}..{lengths.max()}")
         prefix = jnp.array(mem.reference_prefix_ids, jnp.int32)
         p = prefix.shape[0]
+        extra = (-(p + length)) % STREAM_MULTIPLE
+        ref_tokens = jnp.concatenate([ref_tokens, jnp.full((n, extra), self.cfg.model.pad_id, jnp.int32)], axis=1)
+        length += extra
         real = jnp.arange(length)[None, :] < ref_lengths[:, None]
         token_valid = jnp.concatenate([jnp.zeros((n, p), bool), real], axis=1)  # start tokens excluded
         mask = AttentionMask(p + ref_lengths.astype(jnp.int32))
