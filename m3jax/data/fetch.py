@@ -40,8 +40,14 @@ def _run(source: Source, what: str, cmd: list[str], cwd: Path | None = None) -> 
 def download(source: Source, directory: Path) -> Path:
     """Download the source's archive into the empty `directory`; returns the file (not yet verified)."""
     if source.kind == "deb":
-        # apt-get download writes into the current directory, which must be writable.
-        _run(source, "download", ["apt-get", "download", "-q", source.requirement], cwd=directory)
+        # apt-get download writes into the current directory, which must be writable. A fresh machine has
+        # no package lists yet: on a first failure, refresh them once and try again.
+        command = ["apt-get", "download", "-q", source.requirement]
+        try:
+            _run(source, "download", command, cwd=directory)
+        except FetchError:
+            _run(source, "refresh the package lists (apt-get update)", ["apt-get", "update", "-qq"], cwd=directory)
+            _run(source, "download", command, cwd=directory)
     elif source.kind == "pypi":
         _run(source, "download", [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                                   "--disable-pip-version-check", "-q", "-d", str(directory), source.requirement])
