@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m3jax.model.attention import attend, exact_attention
+from m3jax.model.attention import attend
 from m3jax.model.masks import context_mask
 
 
