@@ -8,6 +8,8 @@ Commands:
   memory verify    read every memory of a bank, checking checksums and truncation (--bank=DIR)
   memory compression   bytes per reference and reconstruction error of bf16 / int8 / vq (--references)
   data prepare     fetch the default data and write the arrays training reads (--data_dir, --cache_dir)
+  data pack        xz-compress prepared data (--data_dir) into --packed_dir, to carry elsewhere
+  data unpack      restore prepared data from --packed_dir into --data_dir, checking checksums
   train            stage 1 or 2 (--config.train.stage) on prepared data into --workdir; resumes by itself
 """
 from __future__ import annotations
@@ -29,13 +31,14 @@ flags.DEFINE_enum("compression", "bf16", ["bf16", "int8", "vq"], "How a new bank
 flags.DEFINE_integer("batch_size", 64, "References encoded per step (split over local devices).")
 flags.DEFINE_string("data_dir", "runs/data", "Prepared data (arrays, tokenizer, references).")
 flags.DEFINE_string("cache_dir", "runs/cache", "Downloaded and unpacked source packages.")
+flags.DEFINE_string("packed_dir", None, "Packed prepared data (data pack / unpack).")
 flags.DEFINE_string("workdir", None, "Training run directory (checkpoints, metrics, resolved config).")
 flags.DEFINE_string("init_from", None, "Stage 2: the stage-1 run directory to start from.")
 flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
 flags.DEFINE_integer("log_every", 10, "Steps between metric lines.")
 
 COMMANDS = {}
-NO_CONFIG = {"memory info", "memory verify"}
+NO_CONFIG = {"memory info", "memory verify", "data pack", "data unpack"}
 
 
 def command(name):
@@ -128,6 +131,21 @@ def data_prepare(cfg) -> None:
     print(f"prepared {flags.FLAGS.data_dir} in {meta['seconds']:.0f} s: {shapes['train_tokens'][0]:,} training and "
           f"{shapes['heldout_tokens'][0]:,} held-out sequences of {meta['seq_len']} tokens, "
           f"{shapes['ref_tokens'][0]:,} references, vocabulary {meta['vocab_size']:,}")
+
+
+@command("data pack")
+def data_pack(_) -> None:
+    from m3jax.data.pack import pack
+
+    size = pack(flags.FLAGS.data_dir, _required("packed_dir"))
+    print(f"packed {flags.FLAGS.data_dir} into {flags.FLAGS.packed_dir}: {size / 2**20:.1f} MiB")
+
+
+@command("data unpack")
+def data_unpack(_) -> None:
+    from m3jax.data.pack import unpack
+
+    print(f"unpacked into {unpack(_required('packed_dir'), flags.FLAGS.data_dir)}")
 
 
 @command("train")

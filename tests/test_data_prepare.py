@@ -119,3 +119,22 @@ def test_chunk_alignment_survives_packing():
     ids = retrieve_for_chunks(sequences, 4, recorder, lambda t: " ".join(map(str, t)), np.zeros((1, 4), np.uint16),
                               np.ones(1, np.int32), 0.9, progress=False)
     assert recorder.queries == ["5 6 7 2", "8 9 2 10"] and ids.shape == (1, 2) and (ids == -1).all()
+
+
+def test_pack_and_unpack_round_trip(prepared, tmp_path):
+    from m3jax.data.pack import pack, unpack
+
+    _, out, meta = prepared
+    pack(out, tmp_path / "packed")
+    restored = unpack(tmp_path / "packed", tmp_path / "restored")
+    meta2, arrays2 = open_prepared(restored, verify=True)
+    _, arrays = open_prepared(out)
+    assert meta2 == meta
+    for name in arrays:
+        np.testing.assert_array_equal(arrays2[name], arrays[name])
+    assert (restored / "ref_texts.json").is_file()
+    victim = tmp_path / "packed" / "ref_tokens.npy.xz"
+    victim.write_bytes(victim.read_bytes()[:-20])
+    with pytest.raises(ValueError, match="ref_tokens.npy.xz"):
+        unpack(tmp_path / "packed", tmp_path / "again")
+    assert not (tmp_path / "again").exists()

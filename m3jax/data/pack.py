@@ -1,0 +1,61 @@
+"""Prepared data as a few xz-compressed files, to carry to a machine that cannot rebuild it (the lent GPU:
+no TensorFlow, at most 64 MiB per call), and back into a prepared-data folder there.
+
+The packed folder holds meta.json, tokenizer.model and one `<array>.npy.xz` per array; the reference
+texts are left out (they are the references' tokens decoded, and unpacking decodes them again).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import pathlib
+import shutil
+
+from m3jax.data.prepare import ARRAYS, open_prepared
+
+
+def pack(data_dir, out_dir, preset: int = 6) -> int:
+    """Write the packed form of `data_dir` into `out_dir`; returns its size in bytes."""
+    data_dir, out_dir = pathlib.Path(data_dir), pathlib.Path(out_dir)
+    open_prepared(data_dir, verify=True)  # never pack data that is already damaged
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("meta.json", "tokenizer.model"):
+        shutil.copy(data_dir / name, tmp / name)
+    for name in ARRAYS:
+        (tmp / f"{name}.npy.xz").write_bytes(lzma.compress((data_dir / f"{name}.npy").read_bytes(), preset=preset))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return sum(f.stat().st_size for f in out_dir.iterdir())
+
+
+def unpack(packed_dir, data_dir) -> pathlib.Path:
+    """Restore a prepared-data folder from its packed form, checking every array against meta.json."""
+    from m3jax.data.tokenizer import Tokenizer
+
+    packed_dir, data_dir = pathlib.Path(packed_dir), pathlib.Path(data_dir)
+    if not (packed_dir / "meta.json").is_file():
+        raise FileNotFoundError(f"no packed data in {packed_dir} (meta.json missing)")
+    meta = json.loads((packed_dir / "meta.json").read_text())
+    tmp = data_dir.with_name(data_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("meta.json", "tokenizer.model"):
+        shutil.copy(packed_dir / name, tmp / name)
+    for name in ARRAYS:
+        try:
+            raw = lzma.decompress((packed_dir / f"{name}.npy.xz").read_bytes())
+        except (OSError, lzma.LZMAError) as e:
+            raise ValueError(f"{packed_dir / (name + '.npy.xz')} cannot be decompressed: {e}") from None
+        if hashlib.sha256(raw).hexdigest() != meta["sha256"][name]:
+            raise ValueError(f"{packed_dir / (name + '.npy.xz')} does not match its checksum in meta.json")
+        (tmp / f"{name}.npy").write_bytes(raw)
+    _, arrays = open_prepared(tmp)
+    tokenizer = Tokenizer(tmp / "tokenizer.model")
+    texts = [tokenizer.decode(row[:n]) for row, n in zip(arrays["ref_tokens"], arrays["ref_lengths"])]
+    (tmp / "ref_texts.json").write_text(json.dumps({"texts": texts, "doc_ids": None}))
+    shutil.rmtree(data_dir, ignore_errors=True)
+    tmp.rename(data_dir)
+    return data_dir
