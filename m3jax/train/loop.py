@@ -12,7 +12,6 @@ import json
 import os
 import pathlib
 import signal
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from m3jax import sharding
 from m3jax.data.loader import StepLoader
 from m3jax.data.prepare import open_prepared
 from m3jax.model.lm import Memory3
+from m3jax.train.metrics import MetricsLogger
 from m3jax.train.optimizer import make_optimizer
 from m3jax.train.step import make_train_step
 
@@ -137,9 +137,9 @@ def train(cfg, data_dir, workdir, *, init_from=None, progress=True, log_every=10
         state = _init_state(cfg, tx, state_sh, params)
         start = 0
     loader, to_batch = _batches(cfg, arrays)
-    log = open(workdir / "metrics.jsonl", "a")
+    logger = MetricsLogger(workdir, cfg, log_every)
     bar = tqdm(total=t.steps, initial=start, unit="step", disable=not progress, desc=f"stage {t.stage}")
-    began, tokens_seen, metrics = time.perf_counter(), 0, {}
+    metrics = {}
     for step in range(start, t.steps):
         batch = jax.make_array_from_process_local_data(batch_sh, to_batch(loader.batch(step))) \
             if jax.process_count() > 1 else jax.device_put(to_batch(loader.batch(step)), batch_sh)
@@ -150,15 +150,9 @@ def train(cfg, data_dir, workdir, *, init_from=None, progress=True, log_every=10
             raise TrainingDiverged(f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; "
                                    f"stopped; the last good checkpoint is step {mngr.latest_step()} in "
                                    f"{workdir / 'checkpoints'}")
-        tokens_seen += int(metrics["tokens"])
         done = step + 1
-        if done % log_every == 0 or done == t.steps:
-            record = {"step": done, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
-                      "grad_norm": float(metrics["grad_norm"]),
-                      "tokens_per_s": tokens_seen / (time.perf_counter() - began)}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
+        logger.step(done, metrics)
+        bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
         if done % checkpoint_every == 0 or done == t.steps or mngr.reached_preemption(done):
             mngr.save(done, args=ocp.args.StandardSave(state))
             if mngr.reached_preemption(done):
@@ -168,7 +162,7 @@ def train(cfg, data_dir, workdir, *, init_from=None, progress=True, log_every=10
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
-    log.close()
+    logger.close()
     return {"step": int(state["step"]), "loss": float(metrics.get("loss", np.nan)), "workdir": str(workdir),
             "params": state["params"]}
 
