@@ -25,7 +25,8 @@ from m3jax import config as config_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (or a name in configs/: tiny, small, "
                                           "m3_0p92b, m3_2p4b); override fields with --config.model.x=y.")
 flags.DEFINE_string("checkpoint", "random", "Model weights: a checkpoint directory, or random[:SEED].")
-flags.DEFINE_string("references", None, "Knowledge base: .npz with tokens (N, L) and lengths (N,).")
+flags.DEFINE_string("references", None, "Knowledge base: a prepared data folder, or an .npz with tokens (N, L) "
+                    "and lengths (N,).")
 flags.DEFINE_string("bank", None, "Memory bank path (local directory or gs://bucket/path).")
 flags.DEFINE_enum("compression", "bf16", ["bf16", "int8", "vq"], "How a new bank stores memories.")
 flags.DEFINE_integer("batch_size", 64, "References encoded per step (split over local devices).")
@@ -36,6 +37,8 @@ flags.DEFINE_string("workdir", None, "Training run directory (checkpoints, metri
 flags.DEFINE_string("init_from", None, "Stage 2: the stage-1 run directory to start from.")
 flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
 flags.DEFINE_integer("log_every", 10, "Steps between metric lines.")
+flags.DEFINE_bool("distributed", False, "Join a multi-process run with jax.distributed.initialize(): TPU VMs and "
+                  "SLURM are detected; otherwise M3JAX_COORDINATOR, M3JAX_NUM_PROCESSES, M3JAX_PROCESS_ID.")
 
 COMMANDS = {}
 NO_CONFIG = {"memory info", "memory verify", "data pack", "data unpack"}
@@ -152,6 +155,16 @@ def data_unpack(_) -> None:
 def train_cmd(cfg) -> None:
     from m3jax.train.loop import train
 
+    if flags.FLAGS.distributed:
+        import os
+
+        import jax
+
+        env = {"coordinator_address": "M3JAX_COORDINATOR", "num_processes": "M3JAX_NUM_PROCESSES",
+               "process_id": "M3JAX_PROCESS_ID"}
+        kwargs = {k: (os.environ[v] if k == "coordinator_address" else int(os.environ[v]))
+                  for k, v in env.items() if v in os.environ}
+        jax.distributed.initialize(**kwargs)
     result = train(cfg, flags.FLAGS.data_dir, _required("workdir"), init_from=flags.FLAGS.init_from,
                    checkpoint_every=flags.FLAGS.checkpoint_every, log_every=flags.FLAGS.log_every)
     print(f"stage {cfg.train.stage}: step {result['step']}, last loss {result['loss']:.4f}; checkpoints, metrics.jsonl "
