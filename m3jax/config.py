@@ -94,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.decay_norms_and_embeddings = False
     t.clip_norm = 1.0
     t.mesh = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices: FSDP by default
+    t.sharding_rules = ()  # overrides of m3jax.sharding.DEFAULT_RULES, e.g. (("embed", None),) for no FSDP
     t.peak_tflops = 0.0  # bf16 peak per chip for MFU; 0: look the chip up (no MFU on unknown chips)
     t.seed = 0
 

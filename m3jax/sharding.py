@@ -11,7 +11,7 @@ import contextvars
 
 import jax
 from flax import nnx
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -38,7 +38,17 @@ DEFAULT_RULES = (
 
 # Activation names used in the model code, written without the `act_` prefix for readability.
 _ACTIVATION = {"batch", "length", "embed", "heads", "kv_heads", "mlp", "vocab", "mem_length"}
-_rules: contextvars.ContextVar = contextvars.ContextVar("m3jax_rules", default=None)
+_context: contextvars.ContextVar = contextvars.ContextVar("m3jax_sharding", default=None)  # (mesh, rules)
+
+
+def rules_with(overrides) -> tuple:
+    """DEFAULT_RULES with some logical names mapped differently, e.g. (("embed", None),) for no FSDP."""
+    table = dict(DEFAULT_RULES)
+    for name, axes in overrides:
+        if name not in table:
+            raise KeyError(f"no logical axis {name!r} to override (known: {', '.join(table)})")
+        table[name] = tuple(axes) if isinstance(axes, list) else axes
+    return tuple(table.items())
 
 
 def logical_to_spec(axes, rules=DEFAULT_RULES) -> P:
@@ -50,23 +60,30 @@ def logical_to_spec(axes, rules=DEFAULT_RULES) -> P:
 
 
 @contextlib.contextmanager
-def activate(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
-    """Within this context, activation constraints and parameter specs use `mesh` and `rules`."""
-    token = _rules.set(tuple(rules))
+def constraints(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
+    """Within this context (also inside a jitted function), activations get sharding constraints."""
+    token = _context.set((mesh, tuple(rules)))
     try:
-        with jax.set_mesh(mesh), nnx.logical_axis_rules(list(rules)):
-            yield
+        yield
     finally:
-        _rules.reset(token)
+        _context.reset(token)
+
+
+@contextlib.contextmanager
+def activate(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
+    """Outside jit: the mesh, the rules for parameter specs (nnx) and the activation constraints."""
+    with constraints(mesh, rules), jax.set_mesh(mesh), nnx.logical_axis_rules(list(rules)):
+        yield
 
 
 def constrain(x, axes):
-    """Sharding constraint for an activation with logical `axes`; a no-op outside `activate`."""
-    rules = _rules.get()
-    if rules is None:
+    """Sharding constraint for an activation with logical `axes`; a no-op outside `constraints`."""
+    context = _context.get()
+    if context is None:
         return x
+    mesh, rules = context
     names = tuple(None if a is None else (f"act_{a}" if a in _ACTIVATION else a) for a in axes)
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
 
 
 def make_mesh(shape=(1, -1, 1), axes=MESH_AXES, devices=None) -> jax.sharding.Mesh:

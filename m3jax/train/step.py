@@ -68,10 +68,10 @@ def train_step(state, batch, *, graphdef, tx, schedule, stage: int, accum: int, 
     return new_state, metrics
 
 
-def state_shardings(mesh, params, tx):
+def state_shardings(mesh, params, tx, rules=sharding.DEFAULT_RULES):
     """NamedShardings of the train state: parameters by the logical rules, optimizer moments like the
     parameter they belong to (optax nests them under the same tree path), scalars replicated."""
-    with sharding.activate(mesh):
+    with sharding.activate(mesh, rules):
         specs = nnx.get_partition_spec(params)
     param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
     by_path = {tuple(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
@@ -91,8 +91,14 @@ def make_train_step(cfg, graphdef, params, tx, schedule, mesh):
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, stage=t.stage,
                              accum=t.accum_steps, grad_through=cfg.memory.grad_through_references,
                              window=cfg.memory.train_window)
-    state_sh = state_shardings(mesh, params, tx)
-    batch_sh = NamedSharding(mesh, sharding.logical_to_spec(("act_batch",)))
+    rules = sharding.rules_with(t.sharding_rules)
+    state_sh = state_shardings(mesh, params, tx, rules)
+    batch_sh = NamedSharding(mesh, sharding.logical_to_spec(("act_batch",), rules))
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+
+    def constrained(state, batch):  # traced inside the mesh context: activation constraints apply
+        with sharding.constraints(mesh, rules):
+            return step(state, batch)
+
+    return jax.jit(constrained, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=0), state_sh, batch_sh
