@@ -1,5 +1,6 @@
 """The training loop on prepared (synthetic) data: both stages, exact resume after SIGKILL, refusals."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -103,14 +104,16 @@ def test_two_processes_agree_with_one(data, tmp_path):
     common = ["--config=tiny", f"--data_dir={data}", "--config.train.steps=3", "--config.train.batch_size=8",
               "--checkpoint_every=3"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    port = 20000 + os.getpid() % 20000
+    with socket.socket() as sock:  # a free port for the coordinator
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
     procs = [subprocess.Popen([sys.executable, "-m", "m3jax.cli", "train", "--distributed", *common,
                                f"--workdir={tmp_path / 'two'}"], stderr=subprocess.PIPE, text=True,
                               env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
                                    "M3JAX_COORDINATOR": f"localhost:{port}", "M3JAX_NUM_PROCESSES": "2",
                                    "M3JAX_PROCESS_ID": str(i)}) for i in range(2)]
     for p in procs:
-        _, err = p.communicate(timeout=300)
+        _, err = p.communicate(timeout=900)
         assert p.returncode == 0, err
     one = subprocess.run([sys.executable, "-m", "m3jax.cli", "train", *common, f"--workdir={tmp_path / 'one'}"],
                          capture_output=True, text=True, env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
