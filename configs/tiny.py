@@ -20,7 +20,7 @@ def get_config():
     cfg.memory.vq_factory = "OPQ4x16-Residual2x6-PQ4x6"  # small codebooks: tiny banks train on few vectors
     cfg.data.continual_sequences = 2048  # retrieval for a subset: stage 2 is the short stage
     # a slice of the real data, so `make demo` fits in 15 minutes on a 2-core CPU
-    cfg.data.max_corpus_documents = 40_000
+    cfg.data.max_corpus_documents = 20_000  # sources interleave, so every source is in the slice
     cfg.data.max_knowledge_documents = 30_000
     cfg.data.tokenizer_sentences = 200_000
     return cfg

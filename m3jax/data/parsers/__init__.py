@@ -28,9 +28,17 @@ def documents(name: str, root) -> Iterator[Document]:
 
 
 def _by_role(roots: Mapping[str, object], role: str) -> Iterator[Document]:
-    for name, source in SOURCES.items():  # registry order, so the stream is the same on every run
-        if role in source.roles and name in roots:
-            yield from documents(name, roots[name])
+    """Sources interleaved one document at a time, in registry order, so the stream is the same on every
+    run and any prefix of it (a size-limited slice) draws from every source."""
+    streams = [documents(name, roots[name]) for name, source in SOURCES.items()
+               if role in source.roles and name in roots]
+    while streams:
+        for stream in list(streams):
+            doc = next(stream, None)
+            if doc is None:
+                streams.remove(stream)
+            else:
+                yield doc
 
 
 def corpus_documents(roots: Mapping[str, object]) -> Iterator[Document]:
