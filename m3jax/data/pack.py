@@ -12,6 +12,7 @@ import lzma
 import pathlib
 import shutil
 
+from m3jax.data.atomic import commit_dir, partial_dir
 from m3jax.data.prepare import ARRAYS, open_prepared
 
 
@@ -19,15 +20,12 @@ def pack(data_dir, out_dir, preset: int = 6) -> int:
     """Write the packed form of `data_dir` into `out_dir`; returns its size in bytes."""
     data_dir, out_dir = pathlib.Path(data_dir), pathlib.Path(out_dir)
     open_prepared(data_dir, verify=True)  # never pack data that is already damaged
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = partial_dir(out_dir)
     for name in ("meta.json", "tokenizer.model"):
         shutil.copy(data_dir / name, tmp / name)
     for name in ARRAYS:
         (tmp / f"{name}.npy.xz").write_bytes(lzma.compress((data_dir / f"{name}.npy").read_bytes(), preset=preset))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    commit_dir(tmp, out_dir)
     return sum(f.stat().st_size for f in out_dir.iterdir())
 
 
@@ -39,9 +37,7 @@ def unpack(packed_dir, data_dir) -> pathlib.Path:
     if not (packed_dir / "meta.json").is_file():
         raise FileNotFoundError(f"no packed data in {packed_dir} (meta.json missing)")
     meta = json.loads((packed_dir / "meta.json").read_text())
-    tmp = data_dir.with_name(data_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = partial_dir(data_dir)
     for name in ("meta.json", "tokenizer.model"):
         shutil.copy(packed_dir / name, tmp / name)
     for name in ARRAYS:
@@ -56,6 +52,4 @@ def unpack(packed_dir, data_dir) -> pathlib.Path:
     tokenizer = Tokenizer(tmp / "tokenizer.model")
     texts = [tokenizer.decode(row[:n]) for row, n in zip(arrays["ref_tokens"], arrays["ref_lengths"])]
     (tmp / "ref_texts.json").write_text(json.dumps({"texts": texts, "doc_ids": None}))
-    shutil.rmtree(data_dir, ignore_errors=True)
-    tmp.rename(data_dir)
-    return data_dir
+    return commit_dir(tmp, data_dir)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-import shutil
 import time
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from m3jax.data import tokenizer as tok
+from m3jax.data.atomic import commit_dir, partial_dir
 from m3jax.data.references import split_references
 from m3jax.data.split import is_heldout
 from m3jax.retrieval.leakage import leaking_references
@@ -90,9 +90,7 @@ def prepare(cfg, cache_dir, out_dir, *, fetch_fn=None, documents=None, progress=
     if not knowledge:
         raise ValueError("the knowledge base is empty")
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = partial_dir(out_dir)
     lines = (line for d in train_docs for line in d.text.splitlines() if line.strip())
     tokenizer = tok.Tokenizer(tok.train(lines, tmp / "tokenizer.model", cfg.model.vocab_size,
                                         max_sentences=cfg.data.tokenizer_sentences))
@@ -145,8 +143,7 @@ def prepare(cfg, cache_dir, out_dir, *, fetch_fn=None, documents=None, progress=
         "seconds": round(time.time() - began, 1),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)  # the commit point: a complete folder appears at once
+    commit_dir(tmp, out_dir)  # a complete folder appears at once
     return meta
 
 
