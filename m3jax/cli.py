@@ -11,6 +11,7 @@ Commands:
   data pack        xz-compress prepared data (--data_dir) into --packed_dir, to carry elsewhere
   data unpack      restore prepared data from --packed_dir into --data_dir, checking checksums
   train            stage 1 or 2 (--config.train.stage) on prepared data into --workdir; resumes by itself
+  eval             zero-shot benchmarks (--tasks, --limit) and held-out loss, with memory too given --bank
 """
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
 flags.DEFINE_integer("log_every", 10, "Steps between metric lines.")
 flags.DEFINE_bool("distributed", False, "Join a multi-process run with jax.distributed.initialize(): TPU VMs and "
                   "SLURM are detected; otherwise M3JAX_COORDINATOR, M3JAX_NUM_PROCESSES, M3JAX_PROCESS_ID.")
+flags.DEFINE_list("tasks", ["hellaswag", "arc_easy", "arc_challenge", "boolq", "piqa", "winogrande", "sciq"],
+                  "eval: benchmarks (comma-separated); `heldout` is the loss on the prepared held-out sequences.")
+flags.DEFINE_integer("limit", None, "eval: at most this many questions (held-out sequences) per task.")
+flags.DEFINE_integer("eval_batch_size", 16, "eval: rows (question-choice pairs) scored per step.")
+flags.DEFINE_string("output", None, "eval: write the results as JSON to this file.")
 
 COMMANDS = {}
 NO_CONFIG = {"memory info", "memory verify", "data pack", "data unpack"}
@@ -193,6 +199,38 @@ def memory_verify(_) -> None:
 
     bank = MemoryBank.open(_required("bank"))
     print(f"bank {bank.path}: all {bank.verify():,} references read back with valid checksums")
+
+
+@command("eval")
+def eval_cmd(cfg) -> None:
+    """Benchmarks without memory and, with --bank, with memory retrieved from it (tokenizer: --data_dir)."""
+    from m3jax.checkpoint import load_model
+    from m3jax.data.prepare import open_prepared
+    from m3jax.data.tokenizer import Tokenizer
+    from m3jax.eval.report import format_table, write_json
+    from m3jax.eval.run import HELDOUT, evaluate
+    from m3jax.eval.tasks import check_limit, check_task_names
+
+    names = check_task_names(flags.FLAGS.tasks, extra=(HELDOUT,))  # bad input fails before loading weights
+    check_limit(flags.FLAGS.limit)
+    data_dir = pathlib.Path(flags.FLAGS.data_dir)
+    tokenizer = Tokenizer(data_dir / "tokenizer.model")
+    heldout = open_prepared(data_dir)[1]["heldout_tokens"] if HELDOUT in names else None
+    model = load_model(cfg, flags.FLAGS.checkpoint)
+    source = None
+    if flags.FLAGS.bank:
+        try:
+            from m3jax.generate.memory_source import MemorySource
+        except ImportError as e:
+            raise ValueError(f"--bank needs m3jax.generate.memory_source, which cannot be imported: {e}") from None
+        source = MemorySource.open(cfg, data_dir, flags.FLAGS.bank, model)
+    results = evaluate(model, tokenizer.encode, names, limit=flags.FLAGS.limit,
+                       batch_size=flags.FLAGS.eval_batch_size, memory_source=source, heldout_tokens=heldout)
+    results.update(config=cfg.name, checkpoint=flags.FLAGS.checkpoint, bank=flags.FLAGS.bank,
+                   limit=flags.FLAGS.limit)
+    print(format_table(results))
+    if flags.FLAGS.output:
+        print(f"results written to {write_json(results, flags.FLAGS.output)}")
 
 
 def _resolve_config_arg(argv):
