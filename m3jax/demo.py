@@ -16,17 +16,12 @@ from flax import nnx
 
 from m3jax.checkpoint import load_model
 from m3jax.data.prepare import open_prepared
+from m3jax.eval.heldout import sequence_loss
 from m3jax.memory.bank import MemoryBank
 from m3jax.memory.cache import CachedBankReader
 from m3jax.memory.fingerprint import weights_fingerprint
 from m3jax.train.loss import lm_loss
 from m3jax.train.step import batch_memory
-
-
-@jax.jit
-def _loss_with(graphdef, state, tokens, memory):
-    total, count = lm_loss(nnx.merge(graphdef, state)(tokens, memory=memory), tokens)
-    return total, count
 
 
 @functools.partial(jax.jit, static_argnums=5)
@@ -58,8 +53,8 @@ def heldout_losses(cfg, data_dir, stage1, stage2, bank_path, batch: int = 16, li
     sums = np.zeros((4, 2))
     for tokens, ids, ref_tokens, ref_lengths in _heldout_batches(arrays, batch, limit):
         memory = reader.memory_inputs(ids[..., None], window)
-        for row, value in enumerate([_loss_with(g1, s1, tokens, None), _loss_with(g1, s1, tokens, memory),
-                                     _loss_with(g2, s2, tokens, None),
+        for row, value in enumerate([sequence_loss(g1, s1, tokens, None), sequence_loss(g1, s1, tokens, memory),
+                                     sequence_loss(g2, s2, tokens, None),
                                      _loss_encoding(g2, s2, tokens, ref_tokens, ref_lengths, window)]):
             sums[row] += np.asarray(jax.device_get(value), np.float64)
     if not sums[0, 1]:

