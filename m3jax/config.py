@@ -21,7 +21,7 @@ REMAT_POLICIES = (
     "dots_with_no_batch_dims_saveable",
     "save_attention_projections",  # keep q/k/v/o projections, recompute the rest
 )
-ATTENTION_IMPLS = ("auto", "exact", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "exact", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 HEAD_COMBINE = ("sum", "max")
 
@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.remat = "nothing_saveable"
     m.scan_layers = True
-    m.attention = "auto"  # auto: cudnn on GPU, exact elsewhere
+    m.attention = "auto"  # auto: splash on TPU, cudnn on GPU (half precision), exact elsewhere
     m.bos_id = 1
     m.pad_id = 0
 

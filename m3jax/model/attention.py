@@ -2,6 +2,8 @@
 
 Kernels (all take one explicit boolean mask, so memory keys can sit anywhere among the keys):
 - `exact`: einsum + f32 softmax, GQA by grouping query heads; the reference path on any device.
+- `splash`: the Pallas TPU splash kernel with the masks' static structure (m3jax/model/splash.py);
+  interpret mode off TPU. Masks without a static layout (per-row token groups) take the exact path.
 - `xla` / `cudnn`: `jax.nn.dot_product_attention` with the same mask. `is_causal` is never used: with
   fewer queries than keys it aligns queries to the *start* of the keys, which is wrong once memory
   keys are in front. Two attention calls are never merged through `return_residual`'s log-sum-exp:
@@ -21,12 +23,19 @@ from m3jax.sharding import constrain
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
-def resolve_impl(impl: str, dtype) -> str:
-    """`auto` picks cuDNN on GPU for half-precision compute, the exact path otherwise."""
+def resolve_impl(impl: str, dtype, platform: str | None = None) -> str:
+    """`auto` picks splash on TPU, cuDNN on GPU for half-precision compute, the exact path otherwise.
+
+    platform: the devices the model will run on (default: JAX's default backend); ahead-of-time
+    compilation for TPUs from a CPU host passes "tpu".
+    """
     if impl != "auto":
         return impl
+    platform = platform or jax.default_backend()
+    if platform == "tpu":
+        return "splash"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if half and jax.default_backend() == "gpu" else "exact"
+    return "cudnn" if half and platform == "gpu" else "exact"
 
 
 def exact_attention(q, k, v, mask):
@@ -47,6 +56,11 @@ def attend(q, k, v, mask: AttentionMask, impl: str):
     tq, tk = q.shape[1], k.shape[1]
     if impl == "exact":
         return exact_attention(q, k, v, mask.to_dense(tq, tk))
+    if impl == "splash":
+        if mask.dense is not None and mask.layout is None:  # per-row structure: no static mask can hold it
+            return exact_attention(q, k, v, mask.dense)
+        from m3jax.model.splash import splash_attention  # imports Pallas TPU: only when chosen
+        return splash_attention(q, k, v, mask)
     if impl not in ("xla", "cudnn"):
         raise ValueError(f"unknown attention implementation {impl!r}")
     if mask.dense is not None:

@@ -134,7 +134,7 @@ class Memory3(nnx.Module):
         kv = jnp.transpose(kv, (3, 4, 0, 1, 2, 6, 5, 7))  # (layers, 2, B, C, R, k, Hkv, D)
         kv = kv.reshape(mem.num_layers, 2, b, chunks * per_chunk, m.num_kv_heads, m.head_dim)
         kv = constrain(kv, ("layers", None, "batch", "mem_length", "kv_heads", None))
-        mem_chunk = jnp.repeat(jnp.arange(chunks), per_chunk)
+        mem_chunk = np.repeat(np.arange(chunks), per_chunk)  # static, so masks can carry a MemoryLayout
         return kv[:, 0], kv[:, 1], mem_chunk, valid.reshape(b, chunks * per_chunk).astype(bool)
 
     # ---- writing ------------------------------------------------------------------------------

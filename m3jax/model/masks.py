@@ -12,9 +12,23 @@ plain `<s>`, the context is cut into chunks of `chunk_len` tokens. Keys are `[me
 """
 from __future__ import annotations
 
+import dataclasses
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryLayout:
+    """The static structure of the memory part of a mask, for block-sparse kernels (splash): a query at
+    stream index i >= sink_len is in chunk (i - sink_len) // chunk_len and reads memory slot m when
+    0 <= chunk - slot_chunks[m] < window; sink queries read none."""
+    sink_len: int
+    chunk_len: int
+    slot_chunks: tuple
+    window: int
 
 
 @flax.struct.dataclass
@@ -24,9 +38,14 @@ class AttentionMask:
     kv_lengths: (B,) the first kv_lengths[b] stream keys are real (right padding), causal over the stream;
     dense: None, or the full (B, 1, Tq, Tk) boolean mask, needed once memory keys are present. Without it,
     fused kernels run their causal mode (cuDNN: about 3x faster than with a dense mask, on an H200).
+    memory_valid, layout: with memory keys, the per-row slot validity (B, Nm) and the static structure,
+    so kernels with static masks (splash) need not read `dense`; layout is None when the structure
+    is not static (per-row token groups).
     """
     kv_lengths: jax.Array
     dense: jax.Array | None = None
+    memory_valid: jax.Array | None = None
+    layout: MemoryLayout | None = flax.struct.field(pytree_node=False, default=None)
 
     def to_dense(self, tq: int, tk: int):
         if self.dense is not None:
@@ -75,4 +94,8 @@ def context_mask(padding_mask, sink_len: int, chunk_len: int, memory=None) -> At
     key_valid = jnp.concatenate([jnp.ones((b, sink_len), bool), padding_mask.astype(bool)], axis=1)
     mem_chunk, mem_valid, window = memory
     reads = memory_mask(query_chunks(index, sink_len, chunk_len), mem_chunk, mem_valid, window)
-    return AttentionMask(lengths, jnp.concatenate([reads, stream_mask(index, index, key_valid)], axis=-1))
+    layout = None
+    if isinstance(mem_chunk, np.ndarray):  # static: splash can use it
+        layout = MemoryLayout(sink_len, chunk_len, tuple(int(c) for c in mem_chunk), int(window))
+    return AttentionMask(lengths, jnp.concatenate([reads, stream_mask(index, index, key_valid)], axis=-1),
+                         mem_valid.astype(bool), layout)
