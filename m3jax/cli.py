@@ -11,6 +11,8 @@ Commands:
   data pack        xz-compress prepared data (--data_dir) into --packed_dir, to carry elsewhere
   data unpack      restore prepared data from --packed_dir into --data_dir, checking checksums
   train            stage 1 or 2 (--config.train.stage) on prepared data into --workdir; resumes by itself
+  export           weights (--checkpoint) as an HF Llama directory + PyTorch Memory3 code (--out), with --bank
+  import           an HF Llama directory (--hf) as m3jax config.py + weights (--out)
   eval             zero-shot benchmarks (--tasks, --limit) and held-out loss, with memory too given --bank
 """
 from __future__ import annotations
@@ -231,6 +233,39 @@ def eval_cmd(cfg) -> None:
     print(format_table(results))
     if flags.FLAGS.output:
         print(f"results written to {write_json(results, flags.FLAGS.output)}")
+
+
+flags.DEFINE_string("out", None, "export / import: the directory to write (refused if not empty, unless --overwrite).")
+flags.DEFINE_string("hf", None, "import: an HF Llama checkpoint directory (config.json + model.safetensors).")
+flags.DEFINE_bool("overwrite", False, "export / import: replace a non-empty --out.")
+
+
+@command("export")
+def export_cmd(cfg) -> None:
+    """HF Llama directory (LlamaForCausalLM or, with trust_remote_code, Memory3ForCausalLM) and optionally a bank."""
+    from m3jax.checkpoint import load_model
+    from m3jax.export.hf_export import export_model
+    from m3jax.export.outdir import check_out_dir
+
+    out = _required("out")
+    check_out_dir(out, flags.FLAGS.overwrite)  # before loading weights
+    path = export_model(load_model(cfg, flags.FLAGS.checkpoint), out, bank=flags.FLAGS.bank,
+                        overwrite=flags.FLAGS.overwrite)
+    print(f"exported to {path}: transformers.LlamaForCausalLM.from_pretrained(dir) (feed the m3jax_sink_ids first), "
+          "or AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) for Memory3 with memory"
+          + (f"; memory bank in {path}/memory_bank" if flags.FLAGS.bank else ""))
+
+
+@command("import")
+def import_cmd(_) -> None:
+    from m3jax.export.hf_import import import_hf
+
+    cfg, _, out = import_hf(_required("hf"), _required("out"), overwrite=flags.FLAGS.overwrite)
+    print(f"imported {flags.FLAGS.hf} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}) into {out}: "
+          f"use --config={out}/config.py --checkpoint={out}/params")
+
+
+NO_CONFIG.add("import")
 
 
 def _resolve_config_arg(argv):

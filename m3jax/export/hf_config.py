@@ -94,7 +94,8 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
 def config_from_hf(hf: dict, name: str = "imported") -> ml_collections.ConfigDict:
     """An m3jax config for an HF Llama config: model fields from the HF fields; memory, data and train fields
     from `m3jax_config` when the checkpoint came from m3jax, else the paper's defaults with the reference
-    prefix reduced to `<s>` (a foreign vocabulary has no `Reference:` token)."""
+    prefix reduced to `<s>` (a foreign vocabulary has no `Reference:` token), memory layers the first half,
+    and the compute dtype of the checkpoint's `dtype`."""
     check_compatible(hf)
     cfg = config_from_dict(hf["m3jax_config"]) if isinstance(hf.get("m3jax_config"), dict) else config_lib.base_config()
     if "m3jax_config" not in hf:
@@ -118,6 +119,9 @@ def config_from_hf(hf: dict, name: str = "imported") -> ml_collections.ConfigDic
     if "m3jax_config" not in hf:
         m.bos_id = hf.get("bos_token_id") if isinstance(hf.get("bos_token_id"), int) else 1
         m.pad_id = hf.get("pad_token_id") if isinstance(hf.get("pad_token_id"), int) else 0
+        dtype = hf.get("dtype") or hf.get("torch_dtype")
+        if dtype in config_lib.DTYPES:  # compute as the checkpoint was saved; parameters stay float32
+            m.dtype = dtype
         mem = cfg.memory
         mem.reference_prefix_ids = (m.bos_id,)
         mem.layer_start, mem.num_layers = 0, m.num_layers // 2  # the paper's choice: the first half

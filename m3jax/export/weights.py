@@ -77,14 +77,15 @@ def load_hf_tensors(abstract_model, tensors: dict):
     graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
     used, per_path = set(), {}
     for path, var, j, name, in_axes in _names(abstract_model):
-        shape = var[...].shape if j is None else var[...].shape[1:]
+        abstract = var.get_value()  # a ShapeDtypeStruct: the model is abstract
+        shape = abstract.shape if j is None else abstract.shape[1:]
         if name not in tensors:
             raise ValueError(f"the HF checkpoint has no tensor {name} (expected shape {_hf_shape(shape, in_axes)})")
         x = np.asarray(tensors[name])
         if x.shape != _hf_shape(shape, in_axes):
             raise ValueError(f"tensor {name} has shape {x.shape}, but this config needs {_hf_shape(shape, in_axes)}")
         used.add(name)
-        x = (x if in_axes is None else x.T.reshape(shape)).astype(var[...].dtype)
+        x = (x if in_axes is None else x.T.reshape(shape)).astype(abstract.dtype)
         per_path.setdefault(path, {})[j] = x
     extra = sorted(n for n in tensors if n not in used and not _ignorable(n, abstract_model))
     if extra:
