@@ -104,8 +104,8 @@ def _memories(model, cfg, rng, b, chunks, r, n_refs=12):
     return refs, lengths, memories[ids], valid
 
 
-@pytest.mark.parametrize("window,layer_start", [(1, 0), (2, 1)])
-def test_memory3_torch_matches_with_memory(tmp_path, window, layer_start):
+@pytest.mark.parametrize("window,layer_start,grouped", [(1, 0, False), (2, 1, False), (1, 0, True)])
+def test_memory3_torch_matches_with_memory(tmp_path, window, layer_start, grouped):
     cfg = tiny(**{"memory.layer_start": layer_start})
     model = Memory3(cfg, rngs=nnx.Rngs(3))
     out = export_model(model, tmp_path / "hf")
@@ -117,10 +117,13 @@ def test_memory3_torch_matches_with_memory(tmp_path, window, layer_start):
     padding = np.ones((b, t), bool)
     padding[1, -5:] = False
     _, _, kv, valid = _memories(model, cfg, rng, b, 3, 3)
-    ours = np.asarray(model(tokens, memory=MemoryInputs(kv, valid, window), padding_mask=padding))
+    # generation's layout: each token reads a memory group given per token (-1: none), not its chunk's
+    group = rng.integers(-1, 3, (b, t)) if grouped else None
+    ours = np.asarray(model(tokens, memory=MemoryInputs(kv, valid, window, group), padding_mask=padding))
     with torch.no_grad():
         theirs = m3(torch.tensor(tokens), attention_mask=torch.tensor(padding), memory_kv=torch.tensor(kv),
-                    memory_valid=torch.tensor(valid), memory_window=window).logits.numpy()
+                    memory_valid=torch.tensor(valid), memory_window=window,
+                    memory_token_group=None if group is None else torch.tensor(group)).logits.numpy()
         without = m3(torch.tensor(tokens), attention_mask=torch.tensor(padding)).logits.numpy()
     assert_close(ours, theirs)
     assert rel_diff(without, theirs) > 1e-3  # memory matters, so the comparison above can fail
