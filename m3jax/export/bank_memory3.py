@@ -31,7 +31,8 @@ class MemoryBankReader:
             raise ValueError(f"no exported memory bank at {path} (manifest.json missing)")
         self.manifest = json.loads(manifest_file.read_text())
         if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest_file} is not an exported m3jax memory bank (format {self.manifest.get('format')!r})")
+            raise ValueError(f"{manifest_file} is not an exported m3jax memory bank "
+                             f"(format {self.manifest.get('format')!r})")
         if fingerprint is not None and self.manifest.get("fingerprint") != fingerprint:
             raise ValueError(f"the memories in {path} were written by other weights: memories are only valid for "
                              "the weights that wrote them")

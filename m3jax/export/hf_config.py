@@ -82,7 +82,8 @@ def _set(node, values: dict, base) -> None:
                 node[key] = ml_collections.ConfigDict()
             _set(node[key], value, old)
         else:
-            node[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value) if isinstance(value, list) else value
+            is_list = isinstance(value, list)
+            node[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value) if is_list else value
 
 
 def config_from_dict(values: dict) -> ml_collections.ConfigDict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import pathlib
 
-import jax.numpy as jnp
 from flax import nnx
 from safetensors.numpy import load_file
 

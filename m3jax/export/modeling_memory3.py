@@ -21,9 +21,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaForCausalLM, LlamaModel,
-                                                      LlamaPreTrainedModel, apply_rotary_pos_emb,
-                                                      eager_attention_forward)
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
 
 from .bank_memory3 import MemoryBankReader, load_memory_bank  # noqa: F401  (re-exported for users)
 from .configuration_memory3 import Memory3Config
@@ -78,7 +83,8 @@ class Memory3Model(LlamaModel):
             raise ValueError(f"memory_kv has shape {tuple(kv.shape)}, expected {want} (B, C, R, memory layers, 2, "
                              "kv heads, k, head dim)")
         if tuple(valid.shape) != (b, chunks, kv.shape[2], kv.shape[6]):
-            raise ValueError(f"memory_valid has shape {tuple(valid.shape)}, expected {(b, chunks, kv.shape[2], kv.shape[6])}")
+            raise ValueError(f"memory_valid has shape {tuple(valid.shape)}, "
+                             f"expected {(b, chunks, kv.shape[2], kv.shape[6])}")
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"memory_window must be a positive int, got {window!r}")
         per_chunk = kv.shape[2] * kv.shape[6]
