@@ -13,6 +13,7 @@ Commands:
   train            stage 1 or 2 (--config.train.stage) on prepared data into --workdir; resumes by itself
   export           weights (--checkpoint) as an HF Llama directory + PyTorch Memory3 code (--out), with --bank
   import           an HF Llama directory (--hf) as m3jax config.py + weights (--out)
+  compile          compile the sharded steps for a TPU slice (--topology=v5p-128) here; do they fit HBM?
   eval             zero-shot benchmarks (--tasks, --limit) and held-out loss, with memory too given --bank
 """
 from __future__ import annotations
@@ -266,6 +267,37 @@ def import_cmd(_) -> None:
 
 
 NO_CONFIG.add("import")
+
+
+flags.DEFINE_string("topology", None, "compile: a TPU slice (v5p-128, v5e-16, v4-32, v6e-64) or topology (v5p:4x4x4).")
+flags.DEFINE_list("steps", ["stage1", "stage2", "generate"], "compile: which steps to compile.")
+flags.DEFINE_integer("decode_batch", 0, "compile: rows of the generation step (0: 32, rounded up to the batch shards).")
+
+
+@command("compile")
+def compile_cmd(cfg) -> None:
+    """Compile the sharded steps for a TPU slice on this host (libtpu, no TPU); non-zero exit if they do not fit."""
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # TPU devices here are compile-only; nothing runs
+    from m3jax.aot import check
+
+    unknown = set(flags.FLAGS.steps) - {"stage1", "stage2", "generate"}
+    if unknown:
+        raise app.UsageError(f"--steps: unknown {sorted(unknown)}; choose from stage1, stage2, generate")
+    try:
+        tpu_slice, mesh, reports = check.check(cfg, _required("topology"), steps=tuple(flags.FLAGS.steps),
+                                               decode_batch=flags.FLAGS.decode_batch)
+    except check.topology.TopologyUnavailable as e:
+        print(f"m3jax compile: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print("\n".join(check.report_lines(cfg, tpu_slice, mesh, reports)))
+    if not check.all_fit(tpu_slice, reports):
+        bad = ", ".join(r.name for r in reports if not (r.fits and r.total <= tpu_slice.generation.hbm_bytes))
+        print(f"m3jax compile: {cfg.name} does not fit {tpu_slice.name}: {bad} need more than the "
+              f"{tpu_slice.generation.hbm_bytes / 2**30:.0f} GiB of HBM per chip; try a larger slice, more "
+              "micro-batches (--config.train.accum_steps) or more remat (--config.model.remat)", file=sys.stderr)
+        sys.exit(1)
 
 
 def _resolve_config_arg(argv):

@@ -81,10 +81,14 @@ def _local_attention(q, k, v, key_usable, *, num_memory: int, layout, interpret:
     v = jnp.pad(v, ((0, 0), (0, tk_pad - tk), (0, 0), (0, 0)))
     kv_segment = jnp.pad(jnp.where(key_usable, 0, 1), ((0, 0), (0, tk_pad - tk)), constant_values=1)
     segments = kernel_lib.SegmentIds(q=jnp.zeros((b, tq_pad), jnp.int32), kv=kv_segment.astype(jnp.int32))
-    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  (b, T, H, D) <-> (b, H, T, D)
-    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(heads_first(q), heads_first(k),
-                                                                       heads_first(v), segments)
-    return heads_first(out)[:, :tq]
+    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(_heads_first(q), _heads_first(k),
+                                                                       _heads_first(v), segments)
+    return _heads_first(out)[:, :tq]
+
+
+def _heads_first(x):
+    """(b, T, H, D) <-> (b, H, T, D): the kernel wants heads before the sequence."""
+    return jnp.swapaxes(x, 1, 2)
 
 
 def _mesh_axes(mesh, rules, name: str, size: int):
