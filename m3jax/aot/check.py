@@ -26,6 +26,7 @@ from m3jax import sharding
 from m3jax.aot import topology
 from m3jax.model.attention import resolve_impl
 from m3jax.model.lm import Memory3, MemoryInputs
+from m3jax.train.metrics import flops_per_token
 from m3jax.train.optimizer import make_optimizer
 from m3jax.train.step import make_train_step
 
@@ -38,7 +39,8 @@ class StepReport:
     outputs: int = 0  # not aliased to (donated) arguments
     temporaries: int = 0
     code: int = 0
-    flops: float = 0.0  # per chip, XLA's cost analysis
+    flops: float = 0.0  # per chip, XLA's cost analysis: a scanned (while-loop) layer is counted once
+    model_flops: float = 0.0  # per step, all chips: 6 x dense parameters x tokens + attention (train steps)
     seconds: float = 0.0  # compile time
     note: str = ""
 
@@ -140,9 +142,10 @@ def _compile(name, fn, args, note="") -> StepReport:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return StepReport(name, True, mem.argument_size_in_bytes, mem.output_size_in_bytes - mem.alias_size_in_bytes,
-                      mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, float((cost or {}).get("flops", 0.0)),
-                      time.perf_counter() - start, note)
+    return StepReport(name, True, arguments=mem.argument_size_in_bytes,
+                      outputs=mem.output_size_in_bytes - mem.alias_size_in_bytes, temporaries=mem.temp_size_in_bytes,
+                      code=mem.generated_code_size_in_bytes, flops=float((cost or {}).get("flops", 0.0)),
+                      seconds=time.perf_counter() - start, note=note)
 
 
 def check(cfg, slice_name: str, *, steps=("stage1", "stage2", "generate"), decode_batch: int = 0):
@@ -162,8 +165,10 @@ def check(cfg, slice_name: str, *, steps=("stage1", "stage2", "generate"), decod
         else:
             fn, args = _train_args(step_cfg, mesh)
             t = step_cfg.train
-            reports.append(_compile(name, fn, args, f"batch {t.batch_size} x {step_cfg.data.seq_len} tokens, "
-                                                     f"{t.accum_steps} micro-batches, remat {step_cfg.model.remat}"))
+            report = _compile(name, fn, args, f"batch {t.batch_size} x {step_cfg.data.seq_len} tokens, "
+                                              f"{t.accum_steps} micro-batches, remat {step_cfg.model.remat}")
+            report.model_flops = flops_per_token(step_cfg) * t.batch_size * step_cfg.data.seq_len
+            reports.append(report)
     return tpu_slice, mesh, reports
 
 
@@ -181,7 +186,7 @@ def _gib(n: float) -> str:
 
 
 def report_lines(cfg, tpu_slice, mesh, reports) -> list[str]:
-    hbm = tpu_slice.generation.hbm_bytes
+    hbm, peak = tpu_slice.generation.hbm_bytes, tpu_slice.generation.peak_bf16_tflops * 1e12
     rules = sharding.rules_with(cfg.train.sharding_rules)
     attention = resolve_impl(cfg.model.attention, cfg.model.dtype, "tpu")
     head = (f"{cfg.name} on {tpu_slice.name} ({tpu_slice.topology}, {tpu_slice.chips} chips, "
@@ -196,8 +201,13 @@ def report_lines(cfg, tpu_slice, mesh, reports) -> list[str]:
         verdict = "fits" if r.total <= hbm else "DOES NOT FIT"
         lines.append(f"{r.name:9s} {verdict}: total {_gib(r.total)} of {hbm / topology.GiB:.0f} GiB per chip "
                      f"({100 * r.total / hbm:.0f}%) = arguments {_gib(r.arguments)} + outputs {_gib(r.outputs)} + "
-                     f"temporaries {_gib(r.temporaries)} + code {_gib(r.code)}; {r.flops / 1e12:.2f} TFLOP per chip "
-                     f"per step ({r.flops * tpu_slice.chips / 1e15:.3f} PFLOP in all); compiled in {r.seconds:.0f} s")
+                     f"temporaries {_gib(r.temporaries)} + code {_gib(r.code)}; compiled in {r.seconds:.0f} s")
+        if r.model_flops:
+            per_chip = r.model_flops / tpu_slice.chips
+            lines.append(f"{'':9s} model FLOPs per step {r.model_flops / 1e15:.1f} PFLOP = {per_chip / 1e12:.0f} TFLOP "
+                         f"per chip (6N + attention, the stage-1 count): >= {per_chip / peak:.2f} s per step at "
+                         f"the chip's {peak / 1e12:.0f} TFLOP/s bf16 peak")
+        lines.append(f"{'':9s} XLA cost analysis: {r.flops / 1e12:.2f} TFLOP per chip (a scanned layer counted once)")
         if r.note:
             lines.append(f"{'':9s} ({r.note})")
     return lines
