@@ -55,7 +55,8 @@ def test_tiny_fits_a_v5e_slice():
     assert "mesh data=1, fsdp=4, tensor=1" in text
     for step in ("stage1", "stage2", "generate"):
         line = next(line for line in text.splitlines() if line.startswith(step))
-        assert " fits: total " in line and "TFLOP per chip" in line, line
+        assert " fits: total " in line and "GiB of 16 GiB per chip" in line, line
+    assert text.count("model FLOPs per step") == 2 and text.count("XLA cost analysis") == 3
     assert "one decoding step" in text or "a forward pass" in text
 
 
