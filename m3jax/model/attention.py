@@ -106,3 +106,26 @@ class Attention(nnx.Module):
         out = attend(q_rot, keys, values, mask, self.impl)
         out = checkpoint_name(self.o_proj(out), "attn_proj")
         return out, ((q, k, k_rot, v) if collect else None)
+
+    def decode(self, x, cos, sin, cache_kv, write_at, memory=None):
+        """One new token per row against a KV cache (generation).
+
+        x: (B, 1, dim); cache_kv: (k, v) each (B, S, Hkv, D) holding the stream so far; write_at: (B,) the
+        stream index of this token (its key is written there; keys after it are ignored); memory: None or
+        (k, v, valid) with k, v (B, Nm, Hkv, D) and valid (B, Nm), the memories this token reads.
+        Returns (out (B, 1, dim), updated cache_kv).
+        """
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rows = jnp.arange(x.shape[0])
+        cache_k = cache_kv[0].at[rows, write_at].set(k_rot[:, 0].astype(cache_kv[0].dtype))
+        cache_v = cache_kv[1].at[rows, write_at].set(v[:, 0].astype(cache_kv[1].dtype))
+        keys, values = cache_k, cache_v
+        valid = jnp.arange(cache_k.shape[1])[None, :] <= write_at[:, None]
+        if memory is not None:
+            mem_k, mem_v, mem_valid = memory
+            keys = jnp.concatenate([mem_k.astype(cache_k.dtype), keys], axis=1)
+            values = jnp.concatenate([mem_v.astype(cache_v.dtype), values], axis=1)
+            valid = jnp.concatenate([mem_valid.astype(bool), valid], axis=1)
+        out = exact_attention(q_rot, keys.astype(q_rot.dtype), values.astype(q_rot.dtype), valid[:, None, None, :])
+        return self.o_proj(out), (cache_k, cache_v)

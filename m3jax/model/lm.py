@@ -36,11 +36,15 @@ class MemoryInputs:
     kv: (B, C, R, memory_layers, 2, kv_heads, k, head_dim), the memories written for each chunk's
         R references (as `write_memories` returns them), C = number of chunks of the context;
     valid: (B, C, R, k) bool, False for padding slots (short references, missing retrievals);
-    window: chunk c reads the memories of chunks c-window+1 .. c (1 at inference, 5 in stage 2).
+    window: chunk c reads the memories of chunks c-window+1 .. c (1 at inference, 5 in stage 2);
+    token_group: None, or (B, T) int: the group (index on the C axis) whose memories each context token
+        reads, -1 for none. Generation uses it: decoded tokens read memories retrieved with earlier text,
+        not their own chunk's. None means chunk t // chunk_len, and then C must be the chunk count.
     """
     kv: jax.Array
     valid: jax.Array
     window: int = flax.struct.field(pytree_node=False, default=1)
+    token_group: jax.Array | None = None
 
 
 # Streams are padded to a multiple of this (masked keys, dropped outputs): cuDNN's fused attention
@@ -89,6 +93,45 @@ class Memory3(nnx.Module):
 
         Returns logits (B, T, padded_vocab) in f32; logits[:, t] predicts tokens[:, t+1].
         """
+        return self._forward(tokens, memory, padding_mask, collect_kv=False)[0]
+
+    def prefill(self, tokens, *, cache_len: int, memory: MemoryInputs | None = None, padding_mask=None):
+        """Read a prompt and keep its keys and values for decoding.
+
+        Returns (logits (B, T, padded_vocab), cache): cache holds, per segment of the stack, (k, v) each
+        (layers, B, cache_len, Hkv, D) over the stream `[sink | tokens]` (stream index = sink_len + t).
+        """
+        logits, kv = self._forward(tokens, memory, padding_mask, collect_kv=True)
+        stream = kv[0][0].shape[2]
+        if cache_len < stream:
+            raise ValueError(f"cache_len={cache_len} is shorter than the prompt's stream ({stream} positions)")
+        pad = [(0, 0), (0, 0), (0, cache_len - stream), (0, 0), (0, 0)]
+        return logits, [tuple(jnp.pad(x, pad) for x in seg_kv) for seg_kv in kv]
+
+    def decode_step(self, tokens, write_at, cache, memory=None):
+        """One token per row: tokens (B,) at stream index write_at (B,); cache as `prefill` returns it;
+        memory: None or (k, v, valid), k and v (memory_layers, B, Nm, Hkv, D) as `decode_memory` makes them.
+
+        Returns (logits (B, padded_vocab) predicting the next token, updated cache).
+        """
+        p, r = len(self.cfg.memory.reference_prefix_ids), self.cfg.memory.reference_len
+        position = jnp.where(write_at < p, write_at, write_at + r)  # stream index -> RoPE position
+        cos, sin = rope_angles(position[:, None], self.cfg.model.head_dim, self.cfg.model.rope_theta)
+        h = self._embed(tokens[:, None].astype(jnp.int32))
+        new_cache = []
+        for seg, seg_kv in zip(self.layers, cache):
+            h, seg_kv = seg.decode(h, cos, sin, seg_kv, write_at, memory if seg.is_memory else None)
+            new_cache.append(seg_kv)
+        return self._logits(self.norm(h))[:, 0], new_cache
+
+    def decode_memory(self, kv, valid):
+        """One memory set per row, kv (B, R, memory_layers, 2, Hkv, k, D) and valid (B, R, k) -> the
+        (k, v, valid) that `decode_step` reads: k, v (memory_layers, B, R*k, Hkv, D), valid (B, R*k)."""
+        b = kv.shape[0]
+        k, v, _, mem_valid = self._memory_layout(MemoryInputs(kv[:, None], valid[:, None]), b, 1)
+        return k, v, mem_valid
+
+    def _forward(self, tokens, memory, padding_mask, collect_kv: bool):
         tokens = self._check_tokens(tokens, "tokens")
         b, t = tokens.shape
         s = sink_len(self.cfg)
@@ -106,20 +149,30 @@ class Memory3(nnx.Module):
         mask = context_mask(padding_mask, s, self.cfg.memory.chunk_len)
         if memory is not None:
             mem_k, mem_v, mem_chunk, mem_valid = self._memory_layout(memory, b, t)
-            mem_mask = context_mask(padding_mask, s, self.cfg.memory.chunk_len, (mem_chunk, mem_valid, memory.window))
+            group = memory.token_group
+            if group is not None:
+                group = jnp.concatenate([jnp.asarray(group, jnp.int32), jnp.full((b, extra), -1, jnp.int32)], axis=1)
+            mem_mask = context_mask(padding_mask, s, self.cfg.memory.chunk_len,
+                                    (mem_chunk, mem_valid, memory.window, group))
         h = self._embed(stream)
+        kv = []
         for seg in self.layers:
             if seg.is_memory and memory is not None:
-                h, _ = seg(h, cos, sin, mem_mask, (mem_k, mem_v))
+                h, seg_kv = seg(h, cos, sin, mem_mask, (mem_k, mem_v), collect_kv=collect_kv)
             else:
-                h, _ = seg(h, cos, sin, mask)
-        return self._logits(self.norm(h[:, s:s + t]))
+                h, seg_kv = seg(h, cos, sin, mask, collect_kv=collect_kv)
+            kv.append(seg_kv)
+        return self._logits(self.norm(h[:, s:s + t])), kv
 
     def _memory_layout(self, memory: MemoryInputs, b: int, t: int):
         """MemoryInputs -> per-layer keys/values (layers, B, Nm, Hkv, D), slot chunk ids, slot validity."""
         m, mem = self.cfg.model, self.cfg.memory
         chunks = -(-t // mem.chunk_len)
         kv, valid = memory.kv, memory.valid
+        if memory.token_group is not None:
+            if memory.token_group.shape != (b, t):
+                raise ValueError(f"memory.token_group has shape {memory.token_group.shape}, expected {(b, t)}")
+            chunks = kv.shape[1]  # groups, not chunks
         if kv.ndim != 8:
             raise ValueError(f"memory.kv must have 8 axes (B, C, R, layers, 2, kv_heads, k, head_dim), got {kv.shape}")
         want = (b, chunks, kv.shape[2], mem.num_layers, 2, m.num_kv_heads, kv.shape[6], m.head_dim)

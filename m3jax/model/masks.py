@@ -72,18 +72,20 @@ def stream_mask(q_index, k_index, key_valid):
 def memory_mask(q_chunk, mem_chunk, mem_valid, window: int):
     """(B, 1, Tq, Nm) bool: which memory slots each query reads.
 
-    q_chunk: (Tq,) chunk of each query (-1: none); mem_chunk: (Nm,) source chunk of each slot;
-    mem_valid: (B, Nm).
+    q_chunk: (Tq,) or (B, Tq) chunk (memory group) of each query (-1: none); mem_chunk: (Nm,) source
+    chunk of each slot; mem_valid: (B, Nm).
     """
-    lag = q_chunk[:, None] - mem_chunk[None, :]
-    reads = (q_chunk[:, None] >= 0) & (lag >= 0) & (lag < window)
-    return reads[None, None] & mem_valid[:, None, None, :]
+    q_chunk = jnp.atleast_2d(q_chunk)  # (1 or B, Tq)
+    lag = q_chunk[:, :, None] - mem_chunk[None, None, :]
+    reads = (q_chunk[:, :, None] >= 0) & (lag >= 0) & (lag < window)
+    return reads[:, None] & mem_valid[:, None, None, :]
 
 
 def context_mask(padding_mask, sink_len: int, chunk_len: int, memory=None) -> AttentionMask:
     """The mask of a `[sink | context]` stream; with memory its dense part is (B, 1, S+T, Nm+S+T).
 
-    padding_mask: (B, T) bool, right padding; memory: None or (mem_chunk (Nm,), mem_valid (B, Nm), window).
+    padding_mask: (B, T) bool, right padding; memory: None or (mem_chunk (Nm,), mem_valid (B, Nm), window
+    [, token_group (B, T): the memory group each context token reads, instead of its chunk]).
     Memory keys come first among the keys.
     """
     b, t = padding_mask.shape
@@ -92,10 +94,13 @@ def context_mask(padding_mask, sink_len: int, chunk_len: int, memory=None) -> At
         return AttentionMask(lengths)
     index = jnp.arange(sink_len + t)
     key_valid = jnp.concatenate([jnp.ones((b, sink_len), bool), padding_mask.astype(bool)], axis=1)
-    mem_chunk, mem_valid, window = memory
-    reads = memory_mask(query_chunks(index, sink_len, chunk_len), mem_chunk, mem_valid, window)
+    mem_chunk, mem_valid, window, *group = memory
+    q_chunk = query_chunks(index, sink_len, chunk_len)
+    if group and group[0] is not None:
+        q_chunk = jnp.concatenate([jnp.full((b, sink_len), -1, jnp.int32), group[0].astype(jnp.int32)], axis=1)
+    reads = memory_mask(q_chunk, mem_chunk, mem_valid, window)
     layout = None
-    if isinstance(mem_chunk, np.ndarray):  # static: splash can use it
+    if not (group and group[0] is not None) and isinstance(mem_chunk, np.ndarray):  # static: splash can use it
         layout = MemoryLayout(sink_len, chunk_len, tuple(int(c) for c in mem_chunk), int(window))
     return AttentionMask(lengths, jnp.concatenate([reads, stream_mask(index, index, key_valid)], axis=-1),
                          mem_valid.astype(bool), layout)

@@ -32,6 +32,11 @@ class Block(nnx.Module):
         h = h + self.mlp(self.post_attention_layernorm(h))
         return constrain(h, ("batch", "length", "embed")), aux
 
+    def decode(self, h, cos, sin, cache_kv, write_at, memory=None):
+        a, cache_kv = self.self_attn.decode(self.input_layernorm(h), cos, sin, cache_kv, write_at, memory)
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h)), cache_kv
+
 
 def remat_policy(name: str):
     if name == "save_attention_projections":
@@ -53,18 +58,21 @@ class LayerStack(nnx.Module):
 
         self.blocks = make(rngs)
 
-    def __call__(self, h, cos, sin, mask, memory_kv=None, select=None):
+    def __call__(self, h, cos, sin, mask, memory_kv=None, select=None, collect_kv=False):
         """Run the layers. memory_kv: (k, v) each (layers, B, Nm, Hkv, D), per layer of this stack.
 
         select: None, or (token_valid, top_k, combine) to also return each layer's kept memory tokens
-        as (keys, values), each (layers, N, Hkv, top_k, D).
+        as (keys, values), each (layers, N, Hkv, top_k, D). collect_kv: also return every layer's stream
+        keys (after RoPE) and values, each (layers, B, T, Hkv, D): the KV cache of a prefill.
         """
         graphdef, state = nnx.split(self.blocks)
 
         def layer(h, xs):
             layer_state, kv = xs
             block = nnx.merge(graphdef, layer_state)
-            h, aux = block(h, cos, sin, mask, kv, collect=select is not None)
+            h, aux = block(h, cos, sin, mask, kv, collect=select is not None or collect_kv)
+            if collect_kv:
+                return h, (aux[2], aux[3])
             if select is None:
                 return h, None
             token_valid, top_k, combine = select
@@ -80,5 +88,18 @@ class LayerStack(nnx.Module):
         for i in range(self.num_layers):
             h, y = layer(h, jax.tree.map(lambda x: x[i], xs))
             outs.append(y)
-        stacked = None if select is None else jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
+        stacked = None if outs[0] is None else jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
         return h, stacked
+
+    def decode(self, h, cos, sin, cache_kv, write_at, memory=None):
+        """One token per row through the layers. cache_kv: (k, v) each (layers, B, S, Hkv, D);
+        memory: None or (k, v) each (layers, B, Nm, Hkv, D) and valid (B, Nm). Returns (h, cache_kv)."""
+        graphdef, state = nnx.split(self.blocks)
+        mem_kv, mem_valid = (None, None) if memory is None else (memory[:2], memory[2])
+
+        def layer(h, xs):
+            layer_state, kv, mem = xs
+            block = nnx.merge(graphdef, layer_state)
+            return block.decode(h, cos, sin, kv, write_at, None if mem is None else (*mem, mem_valid))
+
+        return jax.lax.scan(layer, h, (state, cache_kv, mem_kv))

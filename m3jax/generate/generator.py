@@ -1,0 +1,177 @@
+"""Batched generation with explicit memory, and the no-memory and RAG baselines behind the same API.
+
+With memory (SPEC 4): each prompt chunk reads the memories retrieved with its own text. Decoding
+continues with the memories of the prompt's last chunk; after every `chunk_len` new tokens (64 in the
+paper) they are dropped and those new tokens are the query for the next ones. RAG: the references the
+prompt's chunks retrieve are put, as text, in front of the prompt (whole references, best chunk
+first, as many as fit the context), and no memory is read.
+
+The prompt is read once (`prefill`) into a preallocated KV cache; decoding runs `chunk_len` steps per
+jitted call (one `lax.scan`, cache donated), and the host retrieves between calls. Tokens after a
+row's end-of-text are dropped from its output (the batch keeps its shape while decoding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from m3jax.config import sink_len
+from m3jax.generate.sampling import check_sampling, next_token
+from m3jax.model.lm import MemoryInputs
+
+MODES = ("memory", "none", "rag")
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens of each row, up to and including its end-of-text
+    prompts: list[list[int]]  # what the model read: the prompts, with the references in front for RAG
+    retrievals: list[np.ndarray]  # reference ids: prompt chunks (B, C, R), then (B, R) per decoding swap
+    seconds: dict  # prefill, decode, retrieval (host) wall time
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def _prefill(graphdef, state, tokens, lengths, memory, *, cache_len):
+    model = nnx.merge(graphdef, state)
+    mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    logits, cache = model.prefill(tokens, cache_len=cache_len, memory=memory, padding_mask=mask)
+    return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_p"), donate_argnums=(2,))
+def _decode(graphdef, state, cache, token, write_at, memory_kv, key, *, steps, temperature, top_p):
+    """Feed `token` and `steps - 1` more sampled ones; returns the `steps` tokens sampled after them."""
+    model = nnx.merge(graphdef, state)
+    memory = None if memory_kv is None else model.decode_memory(*memory_kv)
+
+    def step(carry, key):
+        cache, token, write_at = carry
+        logits, cache = model.decode_step(token, write_at, cache, memory)
+        token = next_token(logits, key, model.cfg.model.vocab_size, temperature, top_p)
+        return (cache, token, write_at + 1), token
+
+    (cache, _, _), tokens = jax.lax.scan(step, (cache, token, write_at), jax.random.split(key, steps))
+    return tokens.T, cache
+
+
+class Generator:
+    """`Generator(model, memory_source).generate(prompts, max_new_tokens, mode=...)`.
+
+    memory_source: a `MemorySource` (needed for modes `memory` and `rag`); prompts: lists of token ids.
+    """
+
+    def __init__(self, model, memory_source=None, *, eos_id: int = 2):
+        self.cfg, self.source, self.eos_id = model.cfg, memory_source, eos_id
+        self.graphdef, self.state = nnx.split(model)
+        self.chunk = self.cfg.memory.chunk_len
+
+    def generate(self, prompts, max_new_tokens: int, *, mode: str = "memory", temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0) -> Generation:
+        check_sampling(temperature, top_p)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode != "none" and self.source is None:
+            raise ValueError(f"mode {mode!r} needs a memory source (a knowledge base and its memory bank)")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prompts = [list(map(int, p)) for p in prompts]
+        self._check_prompts(prompts, max_new_tokens)
+        seconds = {"prefill": 0.0, "decode": 0.0, "retrieval": 0.0}
+        retrievals = []
+        tokens, lengths = self._pad(prompts)
+        memory = None
+        if mode != "none":
+            t0 = time.perf_counter()
+            ids = self.source.chunk_ids(tokens, lengths)
+            retrievals.append(ids)
+            if mode == "rag":
+                prompts = [self._rag_prompt(p, row, max_new_tokens) for p, row in zip(prompts, ids)]
+                tokens, lengths = self._pad(prompts)
+            else:
+                memory = self.source.reader.memory_inputs(ids)
+                last = ids[np.arange(len(prompts)), (lengths - 1) // self.chunk]  # memories decoding starts with
+            seconds["retrieval"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        cache_len = _round_up(sink_len(self.cfg) + tokens.shape[1] + max_new_tokens, 8)
+        logits, cache = _prefill(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(lengths),
+                                 memory, cache_len=cache_len)
+        key = jax.random.key(seed)
+        key, first_key = jax.random.split(key)
+        token = next_token(logits, first_key, self.cfg.model.vocab_size, temperature, top_p)
+        out = [np.asarray(token)[:, None]]
+        seconds["prefill"] += time.perf_counter() - t0
+        write_at = jnp.asarray(sink_len(self.cfg) + lengths, jnp.int32)
+        done = 1  # new tokens so far; the next one fed is new[done - 1], reading memory epoch (done - 1) // chunk
+        while done < max_new_tokens:
+            fed = done - 1
+            memory_kv = None
+            if mode == "memory":
+                t0 = time.perf_counter()
+                if fed > 0:  # epoch boundary: the last chunk_len new tokens query the next memories
+                    new = np.concatenate(out, axis=1)
+                    queries = [[] if self.eos_id in row[:fed] else row[fed - self.chunk:fed] for row in new]
+                    last = self.source.retrieve(queries)
+                    retrievals.append(last)
+                memory_kv = self.source.reader.gather(last)
+                seconds["retrieval"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            steps = min(self.chunk, max_new_tokens - done)
+            key, span_key = jax.random.split(key)
+            new_tokens, cache = _decode(self.graphdef, self.state, cache, token, write_at, memory_kv, span_key,
+                                        steps=steps, temperature=temperature, top_p=top_p)
+            out.append(np.asarray(new_tokens))
+            token, write_at, done = new_tokens[:, -1], write_at + steps, done + steps
+            seconds["decode"] += time.perf_counter() - t0
+        return Generation([self._until_eos(row) for row in np.concatenate(out, axis=1)], prompts, retrievals,
+                          seconds)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _check_prompts(self, prompts, max_new_tokens: int) -> None:
+        if not prompts:
+            raise ValueError("no prompts given")
+        limit = self.cfg.data.seq_len
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
+            if len(p) + max_new_tokens > limit:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
+                                 f"the context of {limit} tokens (data.seq_len)")
+            bad = [t for t in p if not 0 <= t < self.cfg.model.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} holds token id {bad[0]}, outside the vocabulary "
+                                 f"[0, {self.cfg.model.vocab_size})")
+
+    def _pad(self, prompts):
+        """Right-padded (B, T) with T a multiple of chunk_len (fewer shapes to compile), and lengths."""
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        tokens = np.full((len(prompts), _round_up(int(lengths.max()), self.chunk)), self.cfg.model.pad_id, np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = p
+        return tokens, lengths
+
+    def _rag_prompt(self, prompt, chunk_ids, max_new_tokens: int):
+        """References retrieved by the prompt's chunks (best first within a chunk, chunks in order,
+        each once), whole, as many as fit the context, then the prompt."""
+        budget = self.cfg.data.seq_len - max_new_tokens - len(prompt)
+        front = []
+        for j in dict.fromkeys(int(j) for j in chunk_ids.reshape(-1) if j >= 0):
+            ref = list(map(int, self.source.reference(j)))
+            if len(front) + len(ref) > budget:
+                break
+            front += ref
+        return front + prompt
+
+    def _until_eos(self, row):
+        row = list(map(int, row))
+        return row[:row.index(self.eos_id) + 1] if self.eos_id in row else row
