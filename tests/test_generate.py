@@ -96,7 +96,7 @@ def reference_generate(cfg, model, prompt, max_new, bank):
 
 
 def test_cached_generation_with_memory_equals_full_recomputation(setup):
-    cfg, model, source, retriever, (_, _, bank) = setup
+    cfg, model, source, _retriever, (_, _, bank) = setup
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(5, cfg.model.vocab_size, n)) for n in (20, 33, 7)]
     max_new = 3 * cfg.memory.chunk_len + 5  # three memory swaps
@@ -112,7 +112,7 @@ def test_memory_swaps_at_chunk_boundaries(setup):
     retriever.queries.clear()
     result = Generator(model, source, eos_id=-1).generate([prompt], 3 * chunk + 2)  # feeds new[3 * chunk]
     new = result.tokens[0]
-    text = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    text = lambda ids: " ".join(map(str, ids))
     want = [text(prompt[:chunk]), text(prompt[chunk:]), text(new[:chunk]), text(new[chunk:2 * chunk]),
             text(new[2 * chunk:3 * chunk])]
     assert retriever.queries == want
@@ -175,7 +175,7 @@ def test_top_p_and_temperature_sampling():
     ([[5]], {"max_new_tokens": 0}, "max_new_tokens"),
 ])
 def test_bad_input_is_refused_clearly(setup, prompts, kwargs, message):
-    cfg, model, source, _, _ = setup
+    _cfg, model, source, _, _ = setup
     kwargs = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         Generator(model, source).generate(prompts, kwargs.pop("max_new_tokens"), **kwargs)

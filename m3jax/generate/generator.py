@@ -23,7 +23,6 @@ from flax import nnx
 
 from m3jax.config import sink_len
 from m3jax.generate.sampling import check_sampling, next_token
-from m3jax.model.lm import MemoryInputs
 
 MODES = ("memory", "none", "rag")
 

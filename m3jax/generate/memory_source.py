@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class MemorySource:
         self.candidates = candidates or 2 * self.refs_per_chunk  # spares for references the filter drops
 
     @classmethod
-    def open(cls, cfg, data_dir, bank_path, model, *, cache_capacity: int = 4096, **kwargs) -> "MemorySource":
+    def open(cls, cfg, data_dir, bank_path, model, *, cache_capacity: int = 4096, **kwargs) -> MemorySource:
         """BM25 over a prepared knowledge base (`m3jax data prepare`), and its bank written by `model`'s
         weights (`m3jax memory build`); a bank written by other weights is refused."""
         from m3jax.data.prepare import open_prepared
