@@ -10,6 +10,7 @@ Commands:
   data prepare     fetch the default data and write the arrays training reads (--data_dir, --cache_dir)
   data pack        xz-compress prepared data (--data_dir) into --packed_dir, to carry elsewhere
   data unpack      restore prepared data from --packed_dir into --data_dir, checking checksums
+  generate         continue --prompt with memory from --bank (or --mode=none / rag)
   train            stage 1 or 2 (--config.train.stage) on prepared data into --workdir; resumes by itself
   export           weights (--checkpoint) as an HF Llama directory + PyTorch Memory3 code (--out), with --bank
   import           an HF Llama directory (--hf) as m3jax config.py + weights (--out)
@@ -298,6 +299,43 @@ def compile_cmd(cfg) -> None:
               f"{tpu_slice.generation.hbm_bytes / 2**30:.0f} GiB of HBM per chip; try a larger slice, more "
               "micro-batches (--config.train.accum_steps) or more remat (--config.model.remat)", file=sys.stderr)
         sys.exit(1)
+
+
+flags.DEFINE_multi_string("prompt", None, "generate: a prompt (repeat the flag for a batch).")
+flags.DEFINE_integer("max_new_tokens", 64, "generate: tokens to generate per prompt.")
+flags.DEFINE_enum("mode", "memory", ["memory", "none", "rag"], "generate: read memories from --bank, no memory, or "
+                  "the retrieved references as text in front of the prompt (RAG).")
+flags.DEFINE_float("temperature", 0.0, "generate: 0 is greedy.")
+flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass.")
+flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
+
+
+@command("generate")
+def generate_cmd(cfg) -> None:
+    """Generate from --prompt with the model at --checkpoint; memory from --bank, retrieval over --data_dir."""
+    import pathlib
+
+    from m3jax.checkpoint import load_model
+    from m3jax.data.tokenizer import EOS, Tokenizer
+    from m3jax.generate.generator import Generator
+    from m3jax.generate.memory_source import MemorySource
+
+    prompts = _required("prompt")
+    tokenizer_path = pathlib.Path(flags.FLAGS.data_dir) / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(f"no tokenizer at {tokenizer_path}: --data_dir must be prepared data (m3jax data prepare)")
+    tokenizer = Tokenizer(tokenizer_path)
+    model = load_model(cfg, flags.FLAGS.checkpoint)
+    source = None
+    if flags.FLAGS.mode != "none":
+        if flags.FLAGS.mode == "memory" and not flags.FLAGS.bank:
+            raise app.UsageError("--mode=memory needs --bank (a bank written by these weights: m3jax memory build)")
+        source = MemorySource.open(cfg, flags.FLAGS.data_dir, flags.FLAGS.bank, model)
+    result = Generator(model, source, eos_id=EOS).generate(
+        [tokenizer.encode(p) for p in prompts], flags.FLAGS.max_new_tokens, mode=flags.FLAGS.mode,
+        temperature=flags.FLAGS.temperature, top_p=flags.FLAGS.top_p, seed=flags.FLAGS.seed)
+    for prompt, new in zip(prompts, result.tokens):
+        print(f"{prompt} \u2192 {tokenizer.decode(new)}")
 
 
 def _resolve_config_arg(argv):

@@ -81,6 +81,8 @@ class Generator:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "none" and self.source is None:
             raise ValueError(f"mode {mode!r} needs a memory source (a knowledge base and its memory bank)")
+        if mode == "memory" and self.source.reader is None:
+            raise ValueError("mode 'memory' needs a memory bank; this memory source only retrieves (RAG)")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         prompts = [list(map(int, p)) for p in prompts]

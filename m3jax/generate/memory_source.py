@@ -24,7 +24,7 @@ class MemorySource:
                  leak_threshold: float | None = None, candidates: int | None = None):
         self.cfg, self.retriever, self.reader, self.decode = cfg, retriever, reader, decode
         self.ref_tokens, self.ref_lengths = ref_tokens, np.asarray(ref_lengths)
-        if len(self.ref_lengths) != reader.bank.count:
+        if reader is not None and len(self.ref_lengths) != reader.bank.count:
             raise ValueError(f"the bank holds {reader.bank.count:,} references, the knowledge base "
                              f"{len(self.ref_lengths):,}: they were not built from the same references")
         self.refs_per_chunk = refs_per_chunk or cfg.memory.refs_per_chunk
@@ -34,7 +34,8 @@ class MemorySource:
     @classmethod
     def open(cls, cfg, data_dir, bank_path, model, *, cache_capacity: int = 4096, **kwargs) -> MemorySource:
         """BM25 over a prepared knowledge base (`m3jax data prepare`), and its bank written by `model`'s
-        weights (`m3jax memory build`); a bank written by other weights is refused."""
+        weights (`m3jax memory build`); a bank written by other weights is refused. Without a bank
+        (bank_path None) it retrieves references but reads no memories: enough for RAG."""
         from m3jax.data.prepare import open_prepared
         from m3jax.data.tokenizer import Tokenizer
         from m3jax.memory.bank import MemoryBank
@@ -44,9 +45,12 @@ class MemorySource:
         data_dir = pathlib.Path(data_dir)
         _, arrays = open_prepared(data_dir)
         texts = json.loads((data_dir / "ref_texts.json").read_text())["texts"]
-        bank = MemoryBank.open(str(bank_path), fingerprint=weights_fingerprint(model), cfg=cfg)
+        reader = None
+        if bank_path is not None:
+            bank = MemoryBank.open(str(bank_path), fingerprint=weights_fingerprint(model), cfg=cfg)
+            reader = CachedBankReader(bank, cache_capacity)
         tokenizer = Tokenizer(data_dir / "tokenizer.model")
-        return cls(cfg, BM25Retriever.build(texts), CachedBankReader(bank, cache_capacity), arrays["ref_tokens"],
+        return cls(cfg, BM25Retriever.build(texts), reader, arrays["ref_tokens"],
                    arrays["ref_lengths"], tokenizer.decode, **kwargs)
 
     def reference(self, i: int) -> np.ndarray:
@@ -87,4 +91,6 @@ class MemorySource:
 
     def memory_inputs(self, tokens, lengths, leak_texts=None) -> MemoryInputs:
         """Memories for each chunk of each row (host arrays): kv (B, C, R, ...), valid (B, C, R, k)."""
+        if self.reader is None:
+            raise ValueError("this memory source has no memory bank (only retrieval, for RAG)")
         return self.reader.memory_inputs(self.chunk_ids(tokens, lengths, leak_texts))
