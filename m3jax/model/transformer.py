@@ -86,20 +86,31 @@ class LayerStack(nnx.Module):
             return jax.lax.scan(layer, h, xs)
         outs = []
         for i in range(self.num_layers):
-            h, y = layer(h, jax.tree.map(lambda x: x[i], xs))
+            h, y = layer(h, jax.tree.map(lambda x, i=i: x[i], xs))
             outs.append(y)
         stacked = None if outs[0] is None else jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
         return h, stacked
 
     def decode(self, h, cos, sin, cache_kv, write_at, memory=None):
         """One token per row through the layers. cache_kv: (k, v) each (layers, B, S, Hkv, D);
-        memory: None or (k, v) each (layers, B, Nm, Hkv, D) and valid (B, Nm). Returns (h, cache_kv)."""
+        memory: None or (k, v) each (layers, B, Nm, Hkv, D) and valid (B, Nm). Returns (h, cache_kv).
+
+        The whole cache rides in the scan's carry and each layer writes its new key in place: passing
+        it as scanned inputs/outputs would copy all of it at every generated token.
+        """
         graphdef, state = nnx.split(self.blocks)
         mem_kv, mem_valid = (None, None) if memory is None else (memory[:2], memory[2])
+        rows = jnp.arange(h.shape[0])
 
-        def layer(h, xs):
-            layer_state, kv, mem = xs
+        def layer(carry, xs):
+            h, cache_k, cache_v = carry
+            layer_state, i, mem = xs
             block = nnx.merge(graphdef, layer_state)
-            return block.decode(h, cos, sin, kv, write_at, None if mem is None else (*mem, mem_valid))
+            h, (k_i, v_i) = block.decode(h, cos, sin, (cache_k[i], cache_v[i]), write_at,
+                                         None if mem is None else (*mem, mem_valid))
+            cache_k = cache_k.at[i, rows, write_at].set(k_i[rows, write_at])
+            cache_v = cache_v.at[i, rows, write_at].set(v_i[rows, write_at])
+            return (h, cache_k, cache_v), None
 
-        return jax.lax.scan(layer, h, (state, cache_kv, mem_kv))
+        (h, cache_k, cache_v), _ = jax.lax.scan(layer, (h, *cache_kv), (state, jnp.arange(self.num_layers), mem_kv))
+        return h, (cache_k, cache_v)
