@@ -19,14 +19,24 @@ import json
 import math
 from pathlib import Path
 
-import faiss
 import numpy as np
+
+try:
+    import faiss
+except ImportError:  # BM25 retrieval works without FAISS (some accelerator images lack it)
+    faiss = None
 
 FLAT_MAX = 100_000  # below this, exact brute force costs only milliseconds per query: no training, no misses
 IVF_MAX = 10_000_000  # above this, full float32 vectors no longer fit comfortably in RAM: compress (PQ)
 DEFAULT_NPROBE = 16  # lists scanned per query; raise for recall, lower for speed
 NORM_TOL = 1e-3
 KINDS = ("flat", "ivf", "ivfpq")
+
+
+def require_faiss():
+    if faiss is None:
+        raise ImportError("dense retrieval needs FAISS: pip install faiss-cpu (BM25 retrieval does not)")
+    return faiss
 
 
 def check_k(k: int) -> int:
@@ -85,6 +95,7 @@ class VectorIndex:
               train_size: int | None = None) -> "VectorIndex":
         """Builds an index of `vectors` (n, dim); ids are row numbers. `embedder` names the model that
         made the vectors (checked on load); `train_size` caps the k-means sample (default 256*nlist)."""
+        require_faiss()
         x = check_vectors(vectors)
         n, dim = x.shape
         if kind == "auto":
@@ -167,6 +178,7 @@ class VectorIndex:
     def load(cls, path: str | Path, expect_embedder: str | None = None) -> "VectorIndex":
         """Reads an index written by `save`. With `expect_embedder` (a name or an Embedder), refuses an
         index whose vectors came from another embedder: their similarities would be meaningless."""
+        require_faiss()
         path = Path(path)
         if not _sidecar(path).is_file():
             raise FileNotFoundError(f"{_sidecar(path)} is missing; was {path} written by VectorIndex.save?")

@@ -1,0 +1,99 @@
+"""Decoding throughput with memory, without memory, and RAG, under the paper's protocol (Table 21).
+
+    python benchmarks/decode_gpu.py [--config m3_2p4b] [--batch 32] [--refs 4096] [--json out.json]
+
+Batch 32, 128 prompt tokens, 128 new tokens, random weights of the config's shape (bf16 parameters
+and compute), greedy. With memory: 3 retrievals per sequence (the prompt's 2 chunks, then once after
+64 new tokens), 5 references each, BM25 over the references' texts, memories read from a bank on disk
+with the RAM cache off (capacity 0). RAG: the references the prompt's chunks retrieve (10, whole, as
+text) in front of the prompt. tokens/s = batch x new tokens / wall time of `generate` (retrieval,
+bank reads, prefill and decoding), the median of --reps runs after a warmup run that compiles.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from m3jax import config as config_lib
+from m3jax.checkpoint import load_model
+from m3jax.generate.generator import Generator
+from m3jax.generate.memory_source import MemorySource
+from m3jax.memory.bank import MemoryBank
+from m3jax.memory.build import build_bank
+from m3jax.memory.cache import CachedBankReader
+from m3jax.retrieval.bm25 import BM25Retriever
+
+
+def words(ids) -> str:
+    """Token ids as text BM25 can index: one pseudo-word per id."""
+    return " ".join(f"w{int(i)}" for i in ids)
+
+
+def run(args) -> dict:
+    cfg = config_lib.load(args.config, {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16"})
+    model = load_model(cfg, "random:0")
+    rng = np.random.default_rng(0)
+    vocab, ref_len = cfg.model.vocab_size, cfg.memory.reference_len
+    # A vocabulary slice shared by prompts and references, so that BM25 finds matches.
+    ref_tokens = rng.integers(5, 5 + 4 * ref_len, (args.refs, ref_len))
+    ref_lengths = np.full(args.refs, ref_len)
+    prompts = rng.integers(5, 5 + 4 * ref_len, (args.batch, args.prompt_len)).tolist()
+    path = tempfile.mkdtemp(prefix="decode_bank_")
+    result = {"config": args.config, "device": jax.devices()[0].device_kind, "batch": args.batch,
+              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "references": args.refs,
+              "jax": jax.__version__}
+    try:
+        t0 = time.perf_counter()
+        build_bank(model, ref_tokens, ref_lengths, path, batch_size=256, progress=False)
+        result["bank_build_s"] = time.perf_counter() - t0
+        reader = CachedBankReader(MemoryBank.open(path), capacity=0)  # cache off: every read goes to the bank
+        source = MemorySource(cfg, BM25Retriever.build([words(r) for r in ref_tokens], stopwords=None), reader,
+                              ref_tokens, ref_lengths, words)
+        generator = Generator(model, source, eos_id=-1)  # random weights: never stop early
+        for mode in ("none", "memory", "rag"):
+            generator.generate(prompts, args.new_tokens, mode=mode)  # compile
+            times, parts = [], []
+            for _ in range(args.reps):
+                start = time.perf_counter()
+                out = generator.generate(prompts, args.new_tokens, mode=mode)
+                times.append(time.perf_counter() - start)
+                parts.append(out.seconds)
+            best = statistics.median(times)
+            result[mode] = {"seconds": best, "tokens_per_s": args.batch * args.new_tokens / best,
+                            "retrievals_per_sequence": sum(r.shape[1] if r.ndim == 3 else 1 for r in out.retrievals),
+                            "prompt_tokens": max(len(p) for p in out.prompts),
+                            "seconds_parts": {k: statistics.median(p[k] for p in parts) for k in parts[0]}}
+            print(mode, json.dumps(result[mode]), flush=True)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    result["memory_over_none"] = result["memory"]["tokens_per_s"] / result["none"]["tokens_per_s"]
+    result["memory_over_rag"] = result["memory"]["tokens_per_s"] / result["rag"]["tokens_per_s"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="m3_2p4b")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--prompt_len", type=int, default=128)
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--refs", type=int, default=4096)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    result = run(args)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
