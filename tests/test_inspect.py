@@ -5,16 +5,16 @@
 - attention to memory: the same layer-by-layer pass gives the model's logits; memory and stream shares
   sum to 1; the memory share equals a float64 recomputation; without valid memories it is 0.
 """
+import naive
 import numpy as np
 import pytest
 from flax import nnx
+from test_model import context_stream, naive_params
 
-import naive
 from m3jax import config
 from m3jax.memory.write import write_memories
 from m3jax.model.inspect import kept_tokens, memory_attention
 from m3jax.model.lm import Memory3, MemoryInputs
-from test_model import context_stream, naive_params
 
 
 def tiny(**overrides):

@@ -70,6 +70,11 @@ def _embed(model, ids):
     return jnp.take(model.embed_tokens[...], jnp.asarray(ids, jnp.int32), axis=0).astype(model.dtype)
 
 
+def _gather(x, idx):
+    """x: (N, T, Hkv, D), idx: (N, Hkv, k) -> (N, Hkv, k, D)."""
+    return jnp.take_along_axis(jnp.swapaxes(x, 1, 2), idx[..., None], axis=2)
+
+
 def kept_tokens(model, ref_tokens, ref_lengths) -> KeptTokens:
     """ref_tokens: (N, L) right-padded ids, L <= reference_len; ref_lengths: (N,) real tokens per reference."""
     cfg = model.cfg
@@ -92,12 +97,11 @@ def kept_tokens(model, ref_tokens, ref_lengths) -> KeptTokens:
             q_pre, k_pre, k_rot, v = aux
             scores = token_scores(q_pre, k_pre, token_valid, cfg.memory.head_combine)  # (N, Hkv, p + L)
             _, idx = jax.lax.top_k(scores, top_k)
-            take = lambda x: jnp.take_along_axis(jnp.swapaxes(x, 1, 2), idx[..., None], axis=2)  # noqa: E731
             filled = jnp.arange(top_k)[None, None, :] < ref_lengths[:, None, None]
             out["index"].append(jnp.where(filled, idx - p, -1))
             out["scores"].append(scores[..., p:])
-            out["keys"].append(take(k_rot))
-            out["values"].append(take(v))
+            out["keys"].append(_gather(k_rot, idx))
+            out["values"].append(_gather(v, idx))
         if layer == last:
             break
     return KeptTokens(**{name: np.stack([np.asarray(x) for x in xs], axis=1) for name, xs in out.items()})
