@@ -40,7 +40,7 @@ def run(args) -> dict:
     cfg = config_lib.load(args.config, {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16"})
     model = load_model(cfg, "random:0")
     rng = np.random.default_rng(0)
-    vocab, ref_len = cfg.model.vocab_size, cfg.memory.reference_len
+    ref_len = cfg.memory.reference_len
     # A vocabulary slice shared by prompts and references, so that BM25 finds matches.
     ref_tokens = rng.integers(5, 5 + 4 * ref_len, (args.refs, ref_len))
     ref_lengths = np.full(args.refs, ref_len)

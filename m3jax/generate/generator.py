@@ -47,15 +47,23 @@ def _prefill(graphdef, state, tokens, lengths, memory, *, cache_len):
     return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_p"), donate_argnums=(2,))
-def _decode(graphdef, state, cache, token, write_at, memory_kv, key, *, steps, temperature, top_p):
+@jax.jit
+def _per_layer(cache):
+    """Stacked (layers, ...) caches of each segment -> a list of per-layer (k, v)."""
+    return [[(k[i], v[i]) for i in range(k.shape[0])] for k, v in cache]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_p", "unroll"),
+                   donate_argnums=(3,))
+def _decode(graphdef, state, layer_states, cache, token, write_at, memory_kv, key, *, steps, temperature, top_p,
+            unroll):
     """Feed `token` and `steps - 1` more sampled ones; returns the `steps` tokens sampled after them."""
     model = nnx.merge(graphdef, state)
     memory = None if memory_kv is None else model.decode_memory(*memory_kv)
 
     def step(carry, key):
         cache, token, write_at = carry
-        logits, cache = model.decode_step(token, write_at, cache, memory)
+        logits, cache = model.decode_step(token, write_at, cache, memory, unroll, layer_states)
         token = next_token(logits, key, model.cfg.model.vocab_size, temperature, top_p)
         return (cache, token, write_at + 1), token
 
@@ -67,11 +75,15 @@ class Generator:
     """`Generator(model, memory_source).generate(prompts, max_new_tokens, mode=...)`.
 
     memory_source: a `MemorySource` (needed for modes `memory` and `rag`); prompts: lists of token ids.
+    unroll_layers: decode with the layers as straight-line code over unstacked copies of their weights
+    (longer compile and a second copy of the layer weights; a step reads each weight once).
     """
 
-    def __init__(self, model, memory_source=None, *, eos_id: int = 2):
-        self.cfg, self.source, self.eos_id = model.cfg, memory_source, eos_id
+    def __init__(self, model, memory_source=None, *, eos_id: int = 2, unroll_layers: bool = True):
+        self.cfg, self.source, self.eos_id, self.unroll = model.cfg, memory_source, eos_id, unroll_layers
         self.graphdef, self.state = nnx.split(model)
+        # Unstacked copies of the layers' weights for decoding (costs their memory a second time).
+        self.layer_states = [seg.layer_states() for seg in model.layers] if unroll_layers else None
         self.chunk = self.cfg.memory.chunk_len
 
     def generate(self, prompts, max_new_tokens: int, *, mode: str = "memory", temperature: float = 0.0,
@@ -112,6 +124,8 @@ class Generator:
         token = next_token(logits, first_key, self.cfg.model.vocab_size, temperature, top_p)
         out = [np.asarray(token)[:, None]]
         seconds["prefill"] += time.perf_counter() - t0
+        if self.layer_states is not None:
+            cache = _per_layer(cache)
         write_at = jnp.asarray(sink_len(self.cfg) + lengths, jnp.int32)
         done = 1  # new tokens so far; the next one fed is new[done - 1], reading memory epoch (done - 1) // chunk
         while done < max_new_tokens:
@@ -129,8 +143,8 @@ class Generator:
             t0 = time.perf_counter()
             steps = min(self.chunk, max_new_tokens - done)
             key, span_key = jax.random.split(key)
-            new_tokens, cache = _decode(self.graphdef, self.state, cache, token, write_at, memory_kv, span_key,
-                                        steps=steps, temperature=temperature, top_p=top_p)
+            new_tokens, cache = _decode(self.graphdef, self.state, self.layer_states, cache, token, write_at, memory_kv, span_key,
+                                        steps=steps, temperature=temperature, top_p=top_p, unroll=self.unroll)
             out.append(np.asarray(new_tokens))
             token, write_at, done = new_tokens[:, -1], write_at + steps, done + steps
             seconds["decode"] += time.perf_counter() - t0

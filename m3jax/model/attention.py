@@ -11,6 +11,8 @@ Kernels (all take one explicit boolean mask, so memory keys can sit anywhere amo
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -110,22 +112,36 @@ class Attention(nnx.Module):
     def decode(self, x, cos, sin, cache_kv, write_at, memory=None):
         """One new token per row against a KV cache (generation).
 
-        x: (B, 1, dim); cache_kv: (k, v) each (B, S, Hkv, D) holding the stream so far; write_at: (B,) the
-        stream index of this token (its key is written there; keys after it are ignored); memory: None or
+        x: (B, 1, dim); cache_kv: (k, v) each (B, S, Hkv, D), the stream so far, read only; write_at: (B,)
+        the stream index of this token (cache keys at and after it are ignored); memory: None or
         (k, v, valid) with k, v (B, Nm, Hkv, D) and valid (B, Nm), the memories this token reads.
-        Returns (out (B, 1, dim), updated cache_kv).
+        Returns (out (B, 1, dim), (k, v) of this token, each (B, Hkv, D), for the caller to store).
+        The new key is scored apart from the cache rather than written into it first: an update of
+        the cache inside the layer loop makes XLA copy the whole cache once per layer.
         """
+        b = x.shape[0]
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        rows = jnp.arange(x.shape[0])
-        cache_k = cache_kv[0].at[rows, write_at].set(k_rot[:, 0].astype(cache_kv[0].dtype))
-        cache_v = cache_kv[1].at[rows, write_at].set(v[:, 0].astype(cache_kv[1].dtype))
-        keys, values = cache_k, cache_v
-        valid = jnp.arange(cache_k.shape[1])[None, :] <= write_at[:, None]
+        hq, (hkv, d) = q.shape[2], k.shape[2:]
+        qg = q_rot.reshape(b, hkv, hq // hkv, d)
+        cache_k, cache_v = cache_kv
+        parts = [(cache_k, cache_v, jnp.arange(cache_k.shape[1])[None, :] < write_at[:, None])]
         if memory is not None:
-            mem_k, mem_v, mem_valid = memory
-            keys = jnp.concatenate([mem_k.astype(cache_k.dtype), keys], axis=1)
-            values = jnp.concatenate([mem_v.astype(cache_v.dtype), values], axis=1)
-            valid = jnp.concatenate([mem_valid.astype(bool), valid], axis=1)
-        out = exact_attention(q_rot, keys.astype(q_rot.dtype), values.astype(q_rot.dtype), valid[:, None, None, :])
-        return self.o_proj(out), (cache_k, cache_v)
+            parts.insert(0, memory)
+        # One softmax over [memory | cache | this token], computed part by part (no concatenation).
+        scale = d ** -0.5
+        scores = [jnp.where(ok[:, None, None, :], jnp.einsum("bhgd,bkhd->bhgk", qg, keys.astype(qg.dtype),
+                                                             preferred_element_type=jnp.float32) * scale, _NEG)
+                  for keys, _, ok in parts]
+        own = jnp.einsum("bhgd,bhd->bhg", qg, k_rot[:, 0], preferred_element_type=jnp.float32)[..., None] * scale
+        top = jnp.maximum(functools.reduce(jnp.maximum, [x.max(axis=-1, keepdims=True) for x in scores]), own)
+        weights = [jnp.exp(x - top) for x in scores]
+        own = jnp.exp(own - top)
+        total = functools.reduce(jnp.add, [w.sum(axis=-1, keepdims=True) for w in weights]) + own
+        out = own * v[:, 0, :, None, :].astype(jnp.float32)
+        for w, (_, values, _) in zip(weights, parts):
+            out += jnp.einsum("bhgk,bkhd->bhgd", w.astype(qg.dtype), values.astype(qg.dtype),
+                              preferred_element_type=jnp.float32)
+        out = out / total
+        out = out.reshape(b, 1, hq, d).astype(q.dtype)
+        return self.o_proj(out), (k_rot[:, 0], v[:, 0])

@@ -108,19 +108,22 @@ class Memory3(nnx.Module):
         pad = [(0, 0), (0, 0), (0, cache_len - stream), (0, 0), (0, 0)]
         return logits, [tuple(jnp.pad(x, pad) for x in seg_kv) for seg_kv in kv]
 
-    def decode_step(self, tokens, write_at, cache, memory=None):
+    def decode_step(self, tokens, write_at, cache, memory=None, unroll: bool = False, layer_states=None):
         """One token per row: tokens (B,) at stream index write_at (B,); cache as `prefill` returns it;
         memory: None or (k, v, valid), k and v (memory_layers, B, Nm, Hkv, D) as `decode_memory` makes them.
 
-        Returns (logits (B, padded_vocab) predicting the next token, updated cache).
+        Returns (logits (B, padded_vocab) predicting the next token, updated cache). `unroll`: layers as
+        straight-line code rather than a scan; layer_states: per segment, `LayerStack.layer_states()`
+        (see LayerStack.decode).
         """
         p, r = len(self.cfg.memory.reference_prefix_ids), self.cfg.memory.reference_len
         position = jnp.where(write_at < p, write_at, write_at + r)  # stream index -> RoPE position
         cos, sin = rope_angles(position[:, None], self.cfg.model.head_dim, self.cfg.model.rope_theta)
         h = self._embed(tokens[:, None].astype(jnp.int32))
         new_cache = []
-        for seg, seg_kv in zip(self.layers, cache):
-            h, seg_kv = seg.decode(h, cos, sin, seg_kv, write_at, memory if seg.is_memory else None)
+        for i, (seg, seg_kv) in enumerate(zip(self.layers, cache)):
+            h, seg_kv = seg.decode(h, cos, sin, seg_kv, write_at, memory if seg.is_memory else None, unroll,
+                                   None if layer_states is None else layer_states[i])
             new_cache.append(seg_kv)
         return self._logits(self.norm(h))[:, 0], new_cache
 

@@ -91,26 +91,47 @@ class LayerStack(nnx.Module):
         stacked = None if outs[0] is None else jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
         return h, stacked
 
-    def decode(self, h, cos, sin, cache_kv, write_at, memory=None):
+    def layer_states(self):
+        """Each layer's parameters as separate arrays (for decoding: slicing the stacked parameters
+        inside the step makes XLA copy a layer's weights at every generated token)."""
+        state = nnx.state(self.blocks)
+        return [jax.tree.map(lambda x, i=i: x[i], state) for i in range(self.num_layers)]
+
+    def decode(self, h, cos, sin, cache_kv, write_at, memory=None, unroll: bool = False, layer_states=None):
         """One token per row through the layers. cache_kv: (k, v) each (layers, B, S, Hkv, D);
         memory: None or (k, v) each (layers, B, Nm, Hkv, D) and valid (B, Nm). Returns (h, cache_kv).
 
-        The whole cache rides in the scan's carry and each layer writes its new key in place: passing
-        it as scanned inputs/outputs would copy all of it at every generated token.
+        Layers only read the cache; the new keys and values of all layers are written once, after the
+        loop. `unroll` runs the layers as straight-line code instead of a scan. With `layer_states` (from
+        `layer_states()`), the weights and the cache are per layer: cache_kv is a list of (k, v) each
+        (B, S, Hkv, D), and each layer updates its own cache in place.
         """
         graphdef, state = nnx.split(self.blocks)
         mem_kv, mem_valid = (None, None) if memory is None else (memory[:2], memory[2])
         rows = jnp.arange(h.shape[0])
+        if layer_states is not None:
+            new_cache = []
+            for i, (layer_state, (k_i, v_i)) in enumerate(zip(layer_states, cache_kv)):
+                mem_i = None if mem_kv is None else (mem_kv[0][i], mem_kv[1][i], mem_valid)
+                h, (k, v) = nnx.merge(graphdef, layer_state).decode(h, cos, sin, (k_i, v_i), write_at, mem_i)
+                new_cache.append((k_i.at[rows, write_at].set(k.astype(k_i.dtype)),
+                                  v_i.at[rows, write_at].set(v.astype(v_i.dtype))))
+            return h, new_cache
 
-        def layer(carry, xs):
-            h, cache_k, cache_v = carry
-            layer_state, i, mem = xs
+        def layer(h, xs):
+            layer_state, k, v, mem = xs
             block = nnx.merge(graphdef, layer_state)
-            h, (k_i, v_i) = block.decode(h, cos, sin, (cache_k[i], cache_v[i]), write_at,
-                                         None if mem is None else (*mem, mem_valid))
-            cache_k = cache_k.at[i, rows, write_at].set(k_i[rows, write_at])
-            cache_v = cache_v.at[i, rows, write_at].set(v_i[rows, write_at])
-            return (h, cache_k, cache_v), None
+            return block.decode(h, cos, sin, (k, v), write_at, None if mem is None else (*mem, mem_valid))
 
-        (h, cache_k, cache_v), _ = jax.lax.scan(layer, (h, *cache_kv), (state, jnp.arange(self.num_layers), mem_kv))
+        xs = (state, *cache_kv, mem_kv)
+        if unroll:
+            new = []
+            for i in range(self.num_layers):
+                h, kv = layer(h, jax.tree.map(lambda x, i=i: x[i], xs))
+                new.append(kv)
+            new_k, new_v = (jnp.stack(x) for x in zip(*new))
+        else:
+            h, (new_k, new_v) = jax.lax.scan(layer, h, xs)
+        cache_k = cache_kv[0].at[:, rows, write_at].set(new_k.astype(cache_kv[0].dtype))
+        cache_v = cache_kv[1].at[:, rows, write_at].set(new_v.astype(cache_kv[1].dtype))
         return h, (cache_k, cache_v)
