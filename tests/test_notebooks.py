@@ -52,7 +52,7 @@ def test_notebooks_are_listed_and_stored_without_outputs():
 def test_notebook_runs(name, tmp_path, kernel_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", os.pathsep.join([str(kernel_path), os.environ.get("JUPYTER_PATH", "")]))
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT_S,
+    client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT_S, startup_timeout=120,
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError naming the cell on the first error
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
