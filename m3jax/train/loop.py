@@ -120,7 +120,8 @@ def train(cfg, data_dir, workdir, *, init_from=None, progress=True, log_every=10
     meta, arrays = open_prepared(data_dir)
     _check_data(cfg, meta)
     if t.stage == 2 and init_from is None:
-        raise ValueError("stage 2 starts from a stage-1 checkpoint: pass its run directory (--init_from)")
+        raise ValueError("stage 2 starts from a stage-1 checkpoint: pass its run directory (--init_from), or "
+                         "--init_from=random to train with memory from scratch")
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     config_lib.save_resolved(cfg, workdir)
@@ -133,7 +134,8 @@ def train(cfg, data_dir, workdir, *, init_from=None, progress=True, log_every=10
     if start is not None:  # resume: the whole state, placed by its shardings
         state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
     else:
-        params = restore_params(cfg, init_from, abstract)[1] if t.stage == 2 else None
+        from_run = t.stage == 2 and init_from != "random"  # `random`: memory from the start (an ablation)
+        params = restore_params(cfg, init_from, abstract)[1] if from_run else None
         state = _init_state(cfg, tx, state_sh, params)
         start = 0
     loader, to_batch = _batches(cfg, arrays)

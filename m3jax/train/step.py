@@ -88,7 +88,8 @@ def state_shardings(mesh, params, tx, rules=sharding.DEFAULT_RULES):
 def make_train_step(cfg, graphdef, params, tx, schedule, mesh):
     """Jit the step with explicit shardings over `mesh`; the state is donated."""
     t = cfg.train
-    step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, stage=t.stage,
+    stage = 2 if t.stage == 2 and t.stage2_memory else 1  # what the step computes: with memory or not
+    step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, stage=stage,
                              accum=t.accum_steps, grad_through=cfg.memory.grad_through_references,
                              window=cfg.memory.train_window)
     rules = sharding.rules_with(t.sharding_rules)
