@@ -122,6 +122,8 @@ def jnp_repeat(x, chunks: int):
 
 def knowledge_items(texts, doc_ids, ref_tokens, ref_lengths, tokenizer, count: int, seed: int):
     """(token ids, first-sentence length) of the first reference of `count` Wikipedia summaries."""
+    if doc_ids is None:
+        raise ValueError("the prepared data has no reference document ids (packed by an older m3jax): repack it")
     firsts = [i for i, d in enumerate(doc_ids) if d.startswith("wiki:") and (i == 0 or doc_ids[i - 1] != d)]
     picked = np.random.default_rng(seed).permutation(firsts)[:count]
     items = []

@@ -1,8 +1,9 @@
 """Prepared data as a few xz-compressed files, to carry to a machine that cannot rebuild it (the lent GPU:
 no TensorFlow, at most 64 MiB per call), and back into a prepared-data folder there.
 
-The packed folder holds meta.json, tokenizer.model and one `<array>.npy.xz` per array; the reference
-texts are left out (they are the references' tokens decoded, and unpacking decodes them again).
+The packed folder holds meta.json, tokenizer.model, one `<array>.npy.xz` per array and the references'
+document ids (`ref_doc_ids.json.xz`); the reference texts are left out (they are the references' tokens
+decoded, and unpacking decodes them again).
 """
 from __future__ import annotations
 
@@ -25,8 +26,18 @@ def pack(data_dir, out_dir, preset: int = 6) -> int:
         shutil.copy(data_dir / name, tmp / name)
     for name in ARRAYS:
         (tmp / f"{name}.npy.xz").write_bytes(lzma.compress((data_dir / f"{name}.npy").read_bytes(), preset=preset))
+    pack_doc_ids(data_dir, tmp)
     commit_dir(tmp, out_dir)
     return sum(f.stat().st_size for f in out_dir.iterdir())
+
+
+def pack_doc_ids(data_dir, out_dir) -> None:
+    """The document id of each reference (which source, which article), xz-compressed JSON."""
+    doc_ids = json.loads((pathlib.Path(data_dir) / "ref_texts.json").read_text()).get("doc_ids")
+    (pathlib.Path(out_dir) / DOC_IDS).write_bytes(lzma.compress(json.dumps(doc_ids).encode()))
+
+
+DOC_IDS = "ref_doc_ids.json.xz"
 
 
 def unpack(packed_dir, data_dir) -> pathlib.Path:
@@ -51,5 +62,7 @@ def unpack(packed_dir, data_dir) -> pathlib.Path:
     _, arrays = open_prepared(tmp)
     tokenizer = Tokenizer(tmp / "tokenizer.model")
     texts = [tokenizer.decode(row[:n]) for row, n in zip(arrays["ref_tokens"], arrays["ref_lengths"])]
-    (tmp / "ref_texts.json").write_text(json.dumps({"texts": texts, "doc_ids": None}))
+    doc_ids = json.loads(lzma.decompress((packed_dir / DOC_IDS).read_bytes())) if (packed_dir / DOC_IDS).is_file() \
+        else None  # packed before document ids were kept
+    (tmp / "ref_texts.json").write_text(json.dumps({"texts": texts, "doc_ids": doc_ids}))
     return commit_dir(tmp, data_dir)
