@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     t = cfg.train = ml_collections.ConfigDict()
     t.stage = 1  # 1: warmup, plain LM; 2: continual train with memory (starts from a stage-1 checkpoint)
     t.stage2_memory = True  # False: stage 2's data and schedule without memory (the replication's control)
+    t.data_start_step = 0  # read batches from this step of the data order on (continue past what stage 1 read)
     t.steps = 1000
     t.batch_size = 8  # global, in sequences
     t.accum_steps = 1  # micro-batches per step (gradient accumulation inside the step)

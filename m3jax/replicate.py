@@ -47,9 +47,11 @@ def arm_configs(cfg, steps1: int, steps2: int, lr1: float, lr2: float) -> dict:
         for key, value in train.items():
             c.train[key] = value
         return c
+    # Stage 2 and the control read on from where stage 1 stopped in the data order, so every arm sees
+    # the same sequences at the same total step (here the continual set is the training set itself).
     return {"stage1": variant(stage=1, steps=steps1, lr=lr1),
-            "two_stage": variant(stage=2, steps=steps2, lr=lr2),
-            "control": variant(stage=2, stage2_memory=False, steps=steps2, lr=lr2),
+            "two_stage": variant(stage=2, steps=steps2, lr=lr2, data_start_step=steps1),
+            "control": variant(stage=2, stage2_memory=False, steps=steps2, lr=lr2, data_start_step=steps1),
             "ablation": variant(stage=2, steps=steps1 + steps2, lr=lr1)}
 
 

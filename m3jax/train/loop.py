@@ -143,8 +143,8 @@ def train(cfg, data_dir, workdir, *, init_from=None, progress=True, log_every=10
     bar = tqdm(total=t.steps, initial=start, unit="step", disable=not progress, desc=f"stage {t.stage}")
     metrics = {}
     for step in range(start, t.steps):
-        batch = jax.make_array_from_process_local_data(batch_sh, to_batch(loader.batch(step))) \
-            if jax.process_count() > 1 else jax.device_put(to_batch(loader.batch(step)), batch_sh)
+        batch = jax.make_array_from_process_local_data(batch_sh, to_batch(loader.batch(step + t.data_start_step))) \
+            if jax.process_count() > 1 else jax.device_put(to_batch(loader.batch(step + t.data_start_step)), batch_sh)
         state, metrics = step_fn(state, batch)
         metrics = jax.device_get(metrics)
         if not metrics["ok"]:
