@@ -95,12 +95,13 @@ def reference_generate(cfg, model, prompt, max_new, bank):
     return out
 
 
-def test_cached_generation_with_memory_equals_full_recomputation(setup):
+@pytest.mark.parametrize("unroll", [True, False])  # per-layer weights and caches, or a scan over stacked ones
+def test_cached_generation_with_memory_equals_full_recomputation(setup, unroll):
     cfg, model, source, _retriever, (_, _, bank) = setup
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(5, cfg.model.vocab_size, n)) for n in (20, 33, 7)]
     max_new = 3 * cfg.memory.chunk_len + 5  # three memory swaps
-    result = Generator(model, source, eos_id=-1).generate(prompts, max_new, mode="memory")
+    result = Generator(model, source, eos_id=-1, unroll_layers=unroll).generate(prompts, max_new, mode="memory")
     for prompt, got in zip(prompts, result.tokens):
         assert got == reference_generate(cfg, model, list(map(int, prompt)), max_new, bank)
 

@@ -112,7 +112,9 @@ class Generator:
                 tokens, lengths = self._pad(prompts)
             else:
                 memory = self.source.reader.memory_inputs(ids)
-                last = ids[np.arange(len(prompts)), (lengths - 1) // self.chunk]  # memories decoding starts with
+                # Decoding starts with the memories of each prompt's last chunk: already read, not read again.
+                rows, last_chunk = np.arange(len(prompts)), (lengths - 1) // self.chunk
+                first_kv = (memory.kv[rows, last_chunk], memory.valid[rows, last_chunk])
             seconds["retrieval"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -138,7 +140,7 @@ class Generator:
                     queries = [[] if self.eos_id in row[:fed] else row[fed - self.chunk:fed] for row in new]
                     last = self.source.retrieve(queries)
                     retrievals.append(last)
-                memory_kv = self.source.reader.gather(last)
+                memory_kv = first_kv if fed == 0 else self.source.reader.gather(last)
                 seconds["retrieval"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             steps = min(self.chunk, max_new_tokens - done)
