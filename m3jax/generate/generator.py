@@ -53,17 +53,15 @@ def _per_layer(cache):
     return [[(k[i], v[i]) for i in range(k.shape[0])] for k, v in cache]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_p", "unroll"),
-                   donate_argnums=(3,))
-def _decode(graphdef, state, layer_states, cache, token, write_at, memory_kv, key, *, steps, temperature, top_p,
-            unroll):
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_p"), donate_argnums=(3,))
+def _decode(graphdef, state, layer_states, cache, token, write_at, memory_kv, key, *, steps, temperature, top_p):
     """Feed `token` and `steps - 1` more sampled ones; returns the `steps` tokens sampled after them."""
     model = nnx.merge(graphdef, state)
     memory = None if memory_kv is None else model.decode_memory(*memory_kv)
 
     def step(carry, key):
         cache, token, write_at = carry
-        logits, cache = model.decode_step(token, write_at, cache, memory, unroll, layer_states)
+        logits, cache = model.decode_step(token, write_at, cache, memory, layer_states)
         token = next_token(logits, key, model.cfg.model.vocab_size, temperature, top_p)
         return (cache, token, write_at + 1), token
 
@@ -80,7 +78,7 @@ class Generator:
     """
 
     def __init__(self, model, memory_source=None, *, eos_id: int = 2, unroll_layers: bool = True):
-        self.cfg, self.source, self.eos_id, self.unroll = model.cfg, memory_source, eos_id, unroll_layers
+        self.cfg, self.source, self.eos_id = model.cfg, memory_source, eos_id
         self.graphdef, self.state = nnx.split(model)
         # Unstacked copies of the layers' weights for decoding (costs their memory a second time).
         self.layer_states = [seg.layer_states() for seg in model.layers] if unroll_layers else None
@@ -145,8 +143,8 @@ class Generator:
             t0 = time.perf_counter()
             steps = min(self.chunk, max_new_tokens - done)
             key, span_key = jax.random.split(key)
-            new_tokens, cache = _decode(self.graphdef, self.state, self.layer_states, cache, token, write_at, memory_kv, span_key,
-                                        steps=steps, temperature=temperature, top_p=top_p, unroll=self.unroll)
+            new_tokens, cache = _decode(self.graphdef, self.state, self.layer_states, cache, token, write_at,
+                                        memory_kv, span_key, steps=steps, temperature=temperature, top_p=top_p)
             out.append(np.asarray(new_tokens))
             token, write_at, done = new_tokens[:, -1], write_at + steps, done + steps
             seconds["decode"] += time.perf_counter() - t0

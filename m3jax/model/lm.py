@@ -84,8 +84,12 @@ class Memory3(nnx.Module):
 
     def stream_positions(self, length: int):
         """RoPE positions of `[sink | context of `length` tokens]`."""
+        return self.position_of(jnp.arange(sink_len(self.cfg) + length))
+
+    def position_of(self, stream_index):
+        """Stream index -> RoPE position: the memory interval [P, P+R) sits between the sink's two parts."""
         p, r = len(self.cfg.memory.reference_prefix_ids), self.cfg.memory.reference_len
-        return jnp.concatenate([jnp.arange(p), jnp.array([p + r]), p + r + 1 + jnp.arange(length)])
+        return jnp.where(stream_index < p, stream_index, stream_index + r)
 
     # ---- reading ------------------------------------------------------------------------------
     def __call__(self, tokens, *, memory: MemoryInputs | None = None, padding_mask=None):
@@ -108,21 +112,19 @@ class Memory3(nnx.Module):
         pad = [(0, 0), (0, 0), (0, cache_len - stream), (0, 0), (0, 0)]
         return logits, [tuple(jnp.pad(x, pad) for x in seg_kv) for seg_kv in kv]
 
-    def decode_step(self, tokens, write_at, cache, memory=None, unroll: bool = False, layer_states=None):
+    def decode_step(self, tokens, write_at, cache, memory=None, layer_states=None):
         """One token per row: tokens (B,) at stream index write_at (B,); cache as `prefill` returns it;
         memory: None or (k, v, valid), k and v (memory_layers, B, Nm, Hkv, D) as `decode_memory` makes them.
 
-        Returns (logits (B, padded_vocab) predicting the next token, updated cache). `unroll`: layers as
-        straight-line code rather than a scan; layer_states: per segment, `LayerStack.layer_states()`
-        (see LayerStack.decode).
+        Returns (logits (B, padded_vocab) predicting the next token, updated cache). layer_states: None
+        (layers scanned over the stacked weights), or per segment `LayerStack.layer_states()`, with the
+        cache per layer (see LayerStack.decode).
         """
-        p, r = len(self.cfg.memory.reference_prefix_ids), self.cfg.memory.reference_len
-        position = jnp.where(write_at < p, write_at, write_at + r)  # stream index -> RoPE position
-        cos, sin = rope_angles(position[:, None], self.cfg.model.head_dim, self.cfg.model.rope_theta)
+        cos, sin = rope_angles(self.position_of(write_at)[:, None], self.cfg.model.head_dim, self.cfg.model.rope_theta)
         h = self._embed(tokens[:, None].astype(jnp.int32))
         new_cache = []
         for i, (seg, seg_kv) in enumerate(zip(self.layers, cache)):
-            h, seg_kv = seg.decode(h, cos, sin, seg_kv, write_at, memory if seg.is_memory else None, unroll,
+            h, seg_kv = seg.decode(h, cos, sin, seg_kv, write_at, memory if seg.is_memory else None,
                                    None if layer_states is None else layer_states[i])
             new_cache.append(seg_kv)
         return self._logits(self.norm(h))[:, 0], new_cache

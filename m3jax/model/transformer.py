@@ -97,14 +97,14 @@ class LayerStack(nnx.Module):
         state = nnx.state(self.blocks)
         return [jax.tree.map(lambda x, i=i: x[i], state) for i in range(self.num_layers)]
 
-    def decode(self, h, cos, sin, cache_kv, write_at, memory=None, unroll: bool = False, layer_states=None):
+    def decode(self, h, cos, sin, cache_kv, write_at, memory=None, layer_states=None):
         """One token per row through the layers. cache_kv: (k, v) each (layers, B, S, Hkv, D);
         memory: None or (k, v) each (layers, B, Nm, Hkv, D) and valid (B, Nm). Returns (h, cache_kv).
 
         Layers only read the cache; the new keys and values of all layers are written once, after the
-        loop. `unroll` runs the layers as straight-line code instead of a scan. With `layer_states` (from
-        `layer_states()`), the weights and the cache are per layer: cache_kv is a list of (k, v) each
-        (B, S, Hkv, D), and each layer updates its own cache in place.
+        loop, by a scan over the stacked weights. With `layer_states` (from `layer_states()`) the layers run
+        as straight-line code and the weights and the cache are per layer: cache_kv is a list of (k, v)
+        each (B, S, Hkv, D), and each layer updates its own cache in place.
         """
         graphdef, state = nnx.split(self.blocks)
         mem_kv, mem_valid = (None, None) if memory is None else (memory[:2], memory[2])
@@ -123,15 +123,7 @@ class LayerStack(nnx.Module):
             block = nnx.merge(graphdef, layer_state)
             return block.decode(h, cos, sin, (k, v), write_at, None if mem is None else (*mem, mem_valid))
 
-        xs = (state, *cache_kv, mem_kv)
-        if unroll:
-            new = []
-            for i in range(self.num_layers):
-                h, kv = layer(h, jax.tree.map(lambda x, i=i: x[i], xs))
-                new.append(kv)
-            new_k, new_v = (jnp.stack(x) for x in zip(*new))
-        else:
-            h, (new_k, new_v) = jax.lax.scan(layer, h, xs)
+        h, (new_k, new_v) = jax.lax.scan(layer, h, (state, *cache_kv, mem_kv))
         cache_k = cache_kv[0].at[:, rows, write_at].set(new_k.astype(cache_kv[0].dtype))
         cache_v = cache_kv[1].at[:, rows, write_at].set(new_v.astype(cache_kv[1].dtype))
         return h, (cache_k, cache_v)
