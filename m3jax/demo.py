@@ -25,13 +25,15 @@ from m3jax.train.step import batch_memory
 
 
 @functools.partial(jax.jit, static_argnums=5)
-def _loss_encoding(graphdef, state, tokens, ref_tokens, ref_lengths, window):
+def loss_encoding_references(graphdef, state, tokens, ref_tokens, ref_lengths, window):
+    """(sum of losses, token count) with each chunk's reference encoded by these weights (stage 2's layout)."""
     model = nnx.merge(graphdef, state)
     memory = batch_memory(model, ref_tokens, ref_lengths, window, grad_through=False)
     return lm_loss(model(tokens, memory=memory), tokens)
 
 
-def _heldout_batches(arrays, batch: int, limit: int):
+def heldout_batches(arrays, batch: int, limit: int):
+    """Whole batches of the first `limit` held-out rows: (tokens, reference ids, reference tokens, lengths)."""
     n = min(limit, len(arrays["heldout_tokens"]))
     ref_tokens, ref_lengths = np.asarray(arrays["ref_tokens"]), np.asarray(arrays["ref_lengths"])
     for lo in range(0, n - batch + 1, batch):
@@ -51,11 +53,11 @@ def heldout_losses(cfg, data_dir, stage1, stage2, bank_path, batch: int = 16, li
     reader = CachedBankReader(bank)
     (g1, s1), (g2, s2) = nnx.split(m1), nnx.split(m2)
     sums = np.zeros((4, 2))
-    for tokens, ids, ref_tokens, ref_lengths in _heldout_batches(arrays, batch, limit):
+    for tokens, ids, ref_tokens, ref_lengths in heldout_batches(arrays, batch, limit):
         memory = reader.memory_inputs(ids[..., None], window)
         for row, value in enumerate([sequence_loss(g1, s1, tokens, None), sequence_loss(g1, s1, tokens, memory),
                                      sequence_loss(g2, s2, tokens, None),
-                                     _loss_encoding(g2, s2, tokens, ref_tokens, ref_lengths, window)]):
+                                     loss_encoding_references(g2, s2, tokens, ref_tokens, ref_lengths, window)]):
             sums[row] += np.asarray(jax.device_get(value), np.float64)
     if not sums[0, 1]:
         raise ValueError(f"{data_dir} has no held-out sequences")

@@ -25,6 +25,7 @@ from m3jax.checkpoint import load_model
 from m3jax.data.prepare import open_prepared
 from m3jax.data.references import sentences
 from m3jax.data.tokenizer import Tokenizer
+from m3jax.demo import heldout_batches, loss_encoding_references
 from m3jax.eval.heldout import sequence_loss
 from m3jax.eval.run import evaluate
 from m3jax.generate.memory_source import MemorySource
@@ -35,7 +36,6 @@ from m3jax.model.lm import MemoryInputs
 from m3jax.retrieval.bm25 import BM25Retriever
 from m3jax.train.loop import train
 from m3jax.train.loss import lm_loss
-from m3jax.train.step import batch_memory
 
 ARMS = ("stage1", "two_stage", "control", "ablation")
 
@@ -61,26 +61,12 @@ def _batches(n: int, batch: int):
 
 def heldout(model, arrays, batch: int, limit: int) -> dict:
     """Held-out loss without memory and with memory in stage 2's layout (encoded by these weights)."""
-    cfg = model.cfg
     graphdef, state = nnx.split(model)
-    window = cfg.memory.train_window
-
-    @jax.jit
-    def with_memory(state, tokens, ref_tokens, ref_lengths):
-        m = nnx.merge(graphdef, state)
-        return lm_loss(m(tokens, memory=batch_memory(m, ref_tokens, ref_lengths, window, False)), tokens)
-
-    ref_tokens, ref_lengths = np.asarray(arrays["ref_tokens"]), np.asarray(arrays["ref_lengths"])
-    n = min(limit, len(arrays["heldout_tokens"])) // batch * batch
     sums = np.zeros((2, 2))
-    for lo, hi in _batches(n, batch):
-        tokens = np.asarray(arrays["heldout_tokens"][lo:hi], np.int32)
-        ids = np.asarray(arrays["heldout_ref_ids"][lo:hi])
-        found = ids >= 0
-        refs = np.where(found[..., None], ref_tokens[np.maximum(ids, 0)], 0).astype(np.int32)
-        lengths = np.where(found, ref_lengths[np.maximum(ids, 0)], 0).astype(np.int32)
+    for tokens, _, refs, lengths in heldout_batches(arrays, batch, limit):
         sums[0] += np.asarray(jax.device_get(sequence_loss(graphdef, state, tokens)), np.float64)
-        sums[1] += np.asarray(jax.device_get(with_memory(state, tokens, refs, lengths)), np.float64)
+        sums[1] += np.asarray(jax.device_get(loss_encoding_references(
+            graphdef, state, tokens, refs, lengths, model.cfg.memory.train_window)), np.float64)
     return {"without_memory": sums[0, 0] / sums[0, 1], "with_memory": sums[1, 0] / sums[1, 1],
             "tokens": int(sums[0, 1])}
 
