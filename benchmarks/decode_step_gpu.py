@@ -1,28 +1,62 @@
-"""Milliseconds per decoding step of `m3jax_2p4b`-shaped random weights, batch 32, for decode variants.
+"""Milliseconds per decoding step of `m3_2p4b`-shaped random weights, batch 32, under XLA flag variants,
+and how busy the GPU is during a step.
 
-    python benchmarks/decode_step_gpu.py [--config m3_2p4b]
+    python benchmarks/decode_step_gpu.py [--config m3_2p4b] [--variants a,b] [--profile_dir DIR]
 
-Each variant runs in its own process (XLA flags are read once per process): layers scanned, or
-unrolled over per-layer weights and caches, with XLA's GEMMs (Triton) or cuBLAS.
-Steps = 127 (128 new tokens, no memory); the weight bytes read per step give the bandwidth bound.
+Each variant runs in its own process (XLA flags are read once per process). Steps = 127 (128 new
+tokens, no memory); the weight bytes read per step give the bandwidth bound. With --profile_dir, the
+default variant is traced once more: the share of the decode wall time in which a GPU kernel runs,
+and the kernels taking the most time per step.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import gzip
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import time
 
+CMD_ALL = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 VARIANTS = {
-    "scan": ({"unroll": False}, ""),
-    "unrolled": ({"unroll": True}, ""),
-    "unrolled+cublas": ({"unroll": True}, "--xla_gpu_enable_triton_gemm=false"),
+    "default": "",
+    "no_command_buffers": "--xla_gpu_enable_command_buffer=",
+    "command_buffers_with_loops": f"--xla_gpu_enable_command_buffer={CMD_ALL} --xla_gpu_graph_min_graph_size=1",
+    "cublas": "--xla_gpu_enable_triton_gemm=false",
 }
 
 
-def child(config: str, unroll: bool) -> dict:
+def gpu_busy(trace_dir: str, steps: int) -> dict:
+    """From a profiler trace: kernel time, the union of kernel intervals, and the top kernels per step."""
+    trace = next(pathlib.Path(trace_dir).rglob("*.trace.json.gz"))
+    events = json.loads(gzip.open(trace).read())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu_pids = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
+    if not kernels:
+        return {"error": "no GPU events in the trace", "processes": sorted(set(names.values()))[:20]}
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+    busy, end = 0.0, -1e30
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    wall = spans[-1][1] - spans[0][0]
+    total, count = collections.Counter(), collections.Counter()
+    for e in kernels:
+        total[e["name"]] += e["dur"]
+        count[e["name"]] += 1
+    return {"gpu_processes": sorted(names[p] for p in gpu_pids), "kernel_launches_per_step": len(kernels) / steps,
+            "busy_share_of_span": busy / wall, "span_ms": wall / 1e3, "busy_ms": busy / 1e3,
+            "top_kernels_us_per_step": [(name[:120], round(us / steps, 1), count[name] // steps)
+                                        for name, us in total.most_common(25)]}
+
+
+def child(config: str, profile_dir: str | None) -> dict:
     import jax
     import numpy as np
 
@@ -34,30 +68,39 @@ def child(config: str, unroll: bool) -> dict:
     model = load_model(cfg, "random:0")
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
     prompts = np.random.default_rng(0).integers(5, 500, (32, 128)).tolist()
-    gen = Generator(model, eos_id=-1, unroll_layers=unroll)
+    gen = Generator(model, eos_id=-1)
     t0 = time.perf_counter()
     gen.generate(prompts, 128, mode="none")
     compile_s = time.perf_counter() - t0
-    times = [gen.generate(prompts, 128, mode="none").seconds["decode"] for _ in range(3)]
-    ms = 1e3 * sorted(times)[1] / 127
-    return {"ms_per_step": ms, "tokens_per_s": 32 / ms * 1e3, "first_call_s": compile_s,
-            "weight_gb": weight_bytes / 1e9, "weight_read_tb_per_s": weight_bytes / ms / 1e9}
+    times = [gen.generate(prompts, 128, mode="none").seconds["decode"] for _ in range(5)]
+    ms = 1e3 * sorted(times)[2] / 127
+    out = {"ms_per_step": ms, "tokens_per_s": 32 / ms * 1e3, "first_call_s": compile_s,
+           "weight_gb": weight_bytes / 1e9, "weight_read_tb_per_s": weight_bytes / ms / 1e9}
+    if profile_dir:
+        with jax.profiler.trace(profile_dir):
+            gen.generate(prompts, 128, mode="none")
+        out["profile"] = gpu_busy(profile_dir, 128)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="m3_2p4b")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--profile_dir", default=None)
     parser.add_argument("--child", default=None)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.config, VARIANTS[args.child][0]["unroll"])))
+        print(json.dumps(child(args.config, args.profile_dir)))
         return
-    for name, (_, flags) in VARIANTS.items():
-        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
-        out = subprocess.run([sys.executable, __file__, "--config", args.config, "--child", name], env=env, check=False,
-                             capture_output=True, text=True)
+    for name in args.variants.split(","):
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + VARIANTS[name]).strip())
+        cmd = [sys.executable, __file__, "--config", args.config, "--child", name]
+        if args.profile_dir and name == "default":
+            cmd += ["--profile_dir", args.profile_dir]
+        out = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True)
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        print(name, lines[-1] if lines else out.stderr[-2000:], flush=True)
+        print(name, lines[-1] if lines else out.stderr[-3000:], flush=True)
 
 
 if __name__ == "__main__":
