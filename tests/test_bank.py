@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
@@ -168,6 +169,15 @@ def test_cache_and_prefetch(setup, tmp_path):
     assert (reader.hits, reader.misses) == (1, 4)
     reader.gather(np.array([4]))
     assert (reader.hits, reader.misses) == (1, 5)
+    uncached = CachedBankReader(bank, capacity=0)  # every id read from the bank, in the reader's dtype
+    again, again_valid = uncached.gather(ids)
+    np.testing.assert_array_equal(again.astype(np.float32), got.astype(np.float32))
+    np.testing.assert_array_equal(again_valid, got_valid)
+    assert uncached.misses == 3 and not uncached._cache
+    as_f32, _ = bank.read(np.array([7, 4]))
+    as_bf16, _ = bank.read(np.array([7, 4]), ml_dtypes.bfloat16)
+    assert as_f32.dtype == np.float32 and as_bf16.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(as_bf16.astype(np.float32), as_f32)
     batches = [np.array([[[1, 2]]]), np.array([[[3, 3]]])]
     out = list(Prefetcher(reader, batches, depth=1))
     assert len(out) == 2

@@ -25,8 +25,8 @@ class ArrayBank:
         self.memories, self.slots = memories, slots
         self.count, self.memory_shape = len(memories), memories.shape[1:]
 
-    def read(self, ids):
-        return self.memories[ids], self.slots[ids]
+    def read(self, ids, dtype=np.float32):
+        return self.memories[ids].astype(dtype), self.slots[ids]
 
 
 class HashRetriever:
@@ -118,6 +118,26 @@ def test_memory_swaps_at_chunk_boundaries(setup):
             text(new[2 * chunk:3 * chunk])]
     assert retriever.queries == want
     assert [r.shape for r in result.retrievals] == [(1, 2, 2), (1, 2), (1, 2), (1, 2)]
+
+
+def test_interleaved_batches_equal_one_batch_at_a_time(setup):
+    """generate_many interleaves batches (the second batch's prompt is retrieved for before the first
+    batch's decoding swap) and gives each batch what generate gives it alone, with seed + i."""
+    cfg, model, source, retriever, _ = setup
+    chunk = cfg.memory.chunk_len
+    rng = np.random.default_rng(4)
+    batches = [[list(rng.integers(5, cfg.model.vocab_size, n)) for n in sizes] for sizes in ((9, 30), (17,), (5, 6))]
+    generator = Generator(model, source, eos_id=-1)
+    kwargs = dict(mode="memory", temperature=0.9, top_p=0.9)
+    alone = [generator.generate(b, chunk + 3, seed=7 + i, **kwargs) for i, b in enumerate(batches)]
+    retriever.queries.clear()
+    together = generator.generate_many(batches, chunk + 3, seed=7, in_flight=2, **kwargs)
+    assert [g.tokens for g in together] == [g.tokens for g in alone]
+    text = lambda ids: " ".join(map(str, ids))
+    first_swap = retriever.queries.index(text(alone[0].tokens[0][:chunk]))
+    assert retriever.queries.index(text(batches[1][0][:chunk])) < first_swap
+    with pytest.raises(ValueError, match="in_flight"):
+        generator.generate_many(batches, 4, in_flight=0)
 
 
 def test_no_memory_mode_equals_plain_recomputation(setup):

@@ -7,7 +7,8 @@ prompt's chunks retrieve are put, as text, in front of the prompt (whole referen
 first, as many as fit the context), and no memory is read.
 
 The prompt is read once (`prefill`) into a preallocated KV cache; decoding runs `chunk_len` steps per
-jitted call (one `lax.scan`, cache donated), and the host retrieves between calls. Tokens after a
+jitted call (one `lax.scan`, cache donated), and the host retrieves between calls. `generate_many`
+interleaves batches so that one batch's host work (retrieval, bank reads) overlaps another's decoding. Tokens after a
 row's end-of-text are dropped from its output (the batch keeps its shape while decoding).
 """
 from __future__ import annotations
@@ -86,6 +87,14 @@ class Generator:
 
     def generate(self, prompts, max_new_tokens: int, *, mode: str = "memory", temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0) -> Generation:
+        return self.generate_many([prompts], max_new_tokens, mode=mode, temperature=temperature, top_p=top_p,
+                                  seed=seed)[0]
+
+    def generate_many(self, batches, max_new_tokens: int, *, mode: str = "memory", temperature: float = 0.0,
+                      top_p: float = 1.0, seed: int = 0, in_flight: int = 2) -> list[Generation]:
+        """Generate for several batches of prompts, `in_flight` of them interleaved: while the device
+        decodes one batch, the host retrieves and reads the bank for another (each batch's results are
+        what `generate` gives it alone; batch i samples with seed + i)."""
         check_sampling(temperature, top_p)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -95,8 +104,29 @@ class Generator:
             raise ValueError("mode 'memory' needs a memory bank; this memory source only retrieves (RAG)")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        prompts = [list(map(int, p)) for p in prompts]
-        self._check_prompts(prompts, max_new_tokens)
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be >= 1, got {in_flight}")
+        batches = [[list(map(int, p)) for p in prompts] for prompts in batches]
+        for prompts in batches:
+            self._check_prompts(prompts, max_new_tokens)
+        results = [None] * len(batches)
+        pending = list(enumerate(batches))
+        running = []  # (batch index, coroutine): advanced in turn, each up to its next wait on the device
+        while pending or running:
+            while pending and len(running) < in_flight:
+                i, prompts = pending.pop(0)
+                running.append((i, self._generation(prompts, max_new_tokens, mode, temperature, top_p, seed + i)))
+            i, run = running.pop(0)
+            try:
+                next(run)
+                running.append((i, run))
+            except StopIteration as done:
+                results[i] = done.value
+        return results
+
+    def _generation(self, prompts, max_new_tokens, mode, temperature, top_p, seed):
+        """One batch's generation as a coroutine: it yields after dispatching device work and before
+        waiting for its result, so that a caller can do another batch's host work meanwhile."""
         seconds = {"prefill": 0.0, "decode": 0.0, "retrieval": 0.0}
         retrievals = []
         tokens, lengths = self._pad(prompts)
@@ -109,7 +139,7 @@ class Generator:
                 prompts = [self._rag_prompt(p, row, max_new_tokens) for p, row in zip(prompts, ids)]
                 tokens, lengths = self._pad(prompts)
             else:
-                memory = self.source.reader.memory_inputs(ids)
+                memory = jax.device_put(self.source.reader.memory_inputs(ids))
                 # Decoding starts with the memories of each prompt's last chunk: already read, not read again.
                 rows, last_chunk = np.arange(len(prompts)), (lengths - 1) // self.chunk
                 first_kv = (memory.kv[rows, last_chunk], memory.valid[rows, last_chunk])
@@ -122,10 +152,13 @@ class Generator:
         key = jax.random.key(seed)
         key, first_key = jax.random.split(key)
         token = next_token(logits, first_key, self.cfg.model.vocab_size, temperature, top_p)
-        out = [np.asarray(token)[:, None]]
-        seconds["prefill"] += time.perf_counter() - t0
         if self.layer_states is not None:
             cache = _per_layer(cache)
+        seconds["prefill"] += time.perf_counter() - t0
+        yield
+        t0 = time.perf_counter()
+        out = [np.asarray(token)[:, None]]
+        seconds["prefill"] += time.perf_counter() - t0
         write_at = jnp.asarray(sink_len(self.cfg) + lengths, jnp.int32)
         done = 1  # new tokens so far; the next one fed is new[done - 1], reading memory epoch (done - 1) // chunk
         while done < max_new_tokens:
@@ -138,15 +171,18 @@ class Generator:
                     queries = [[] if self.eos_id in row[:fed] else row[fed - self.chunk:fed] for row in new]
                     last = self.source.retrieve(queries)
                     retrievals.append(last)
-                memory_kv = first_kv if fed == 0 else self.source.reader.gather(last)
+                memory_kv = first_kv if fed == 0 else jax.device_put(self.source.reader.gather(last))
                 seconds["retrieval"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             steps = min(self.chunk, max_new_tokens - done)
             key, span_key = jax.random.split(key)
             new_tokens, cache = _decode(self.graphdef, self.state, self.layer_states, cache, token, write_at,
                                         memory_kv, span_key, steps=steps, temperature=temperature, top_p=top_p)
-            out.append(np.asarray(new_tokens))
             token, write_at, done = new_tokens[:, -1], write_at + steps, done + steps
+            seconds["decode"] += time.perf_counter() - t0
+            yield
+            t0 = time.perf_counter()
+            out.append(np.asarray(new_tokens))
             seconds["decode"] += time.perf_counter() - t0
         return Generation([self._until_eos(row) for row in np.concatenate(out, axis=1)], prompts, retrievals,
                           seconds)

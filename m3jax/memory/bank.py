@@ -213,8 +213,8 @@ class MemoryBank:
             raise IndexError(f"reference id {int(bad[0])} is outside the bank (it holds ids 0..{self.count - 1})")
         return ids.astype(np.int64)
 
-    def read(self, ids, field_names=None):
-        """Decoded memories (n, *memory_shape) float32 and slot validity (n, tokens_per_head) bool."""
+    def read(self, ids, dtype=np.float32):
+        """Decoded memories (n, *memory_shape) in `dtype` and slot validity (n, tokens_per_head) bool."""
         ids = self._check_ids(ids)
         names = list(self.codec.fields()) + ["slots"]
         try:
@@ -230,7 +230,7 @@ class MemoryBank:
                                    "counts it: the bank is truncated")
         slots = raw.pop("slots")
         k = self.memory_shape[3]
-        return self.codec.decode(raw), np.arange(k)[None, :] < slots[:, None]
+        return self.codec.decode(raw, dtype), np.arange(k)[None, :] < slots[:, None]
 
     def token_hashes(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self._arrays["token_hashes"][start:stop].read().result())

@@ -33,27 +33,31 @@ class CachedBankReader:
         ids = np.asarray(ids)
         if not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"reference ids must be integers, got {ids.dtype}")
-        unique, inverse = np.unique(ids.reshape(-1), return_inverse=True)
-        wanted = unique[unique != NO_REFERENCE]
-        missing = np.array([i for i in wanted if int(i) not in self._cache], np.int64)
-        self.hits += len(wanted) - len(missing)
-        self.misses += len(missing)
-        fetched = {}
-        if len(missing):
-            memories, valid = self.bank.read(missing)
-            fetched = {int(i): (m.astype(self.dtype), v) for i, m, v in zip(missing, memories, valid)}
         shape = self.bank.memory_shape
-        empty = (np.zeros(shape, self.dtype), np.zeros(shape[3], bool))
-        rows = [empty if i == NO_REFERENCE else fetched.get(int(i)) or self._cache[int(i)] for i in unique]
-        for i in wanted:  # mark as most recently used, then evict the oldest
-            i = int(i)
-            self._cache[i] = fetched.get(i) or self._cache[i]
-            self._cache.move_to_end(i)
-        while len(self._cache) > self.capacity:
-            self._cache.popitem(last=False)
-        memories = np.stack([r[0] for r in rows])[inverse].reshape(ids.shape + shape)
-        valid = np.stack([r[1] for r in rows])[inverse].reshape(ids.shape + shape[3:4])
-        return memories, valid
+        unique, inverse = np.unique(ids.reshape(-1), return_inverse=True)
+        # One table row per distinct id (zeros and no valid slot for NO_REFERENCE), filled from the cache
+        # or by one bank read in the reader's dtype; the output is the table indexed by `inverse`.
+        table = np.zeros((len(unique), *shape), self.dtype)
+        valid = np.zeros((len(unique), shape[3]), bool)
+        real = np.flatnonzero(unique != NO_REFERENCE)
+        cached = np.array([int(unique[j]) in self._cache for j in real], bool)
+        missing = real[~cached]
+        self.hits += int(cached.sum())
+        self.misses += len(missing)
+        if len(missing):
+            table[missing], valid[missing] = self.bank.read(unique[missing], self.dtype)
+        for j in real[cached]:
+            table[j], valid[j] = self._cache[int(unique[j])]
+        if self.capacity:
+            for j in real:  # mark as most recently used (copies: a view would keep the whole table alive)
+                i = int(unique[j])
+                if i not in self._cache:
+                    self._cache[i] = (table[j].copy(), valid[j].copy())
+                self._cache.move_to_end(i)
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        inverse = inverse.reshape(-1)
+        return table[inverse].reshape(ids.shape + shape), valid[inverse].reshape(ids.shape + shape[3:4])
 
     def memory_inputs(self, ids, window: int = 1) -> MemoryInputs:
         """ids: (B, C, R) -> MemoryInputs on the host, ready for `jax.device_put`."""

@@ -52,7 +52,8 @@ class Codec:
     def encode(self, memories) -> dict:
         raise NotImplementedError
 
-    def decode(self, arrays) -> np.ndarray:
+    def decode(self, arrays, dtype=np.float32) -> np.ndarray:
+        """Stored arrays -> (N, *shape) memories in `dtype` (bf16 banks read as bf16 are not copied)."""
         raise NotImplementedError
 
     def bytes_per_reference(self) -> int:
@@ -68,8 +69,8 @@ class Bf16Codec(Codec):
     def encode(self, memories):
         return {"memories": np.asarray(memories).astype(ml_dtypes.bfloat16, copy=False)}
 
-    def decode(self, arrays):
-        return arrays["memories"].astype(np.float32)
+    def decode(self, arrays, dtype=np.float32):
+        return arrays["memories"].astype(dtype, copy=False)
 
 
 class Int8Codec(Codec):
@@ -85,8 +86,9 @@ class Int8Codec(Codec):
         codes = np.clip(np.rint(x / scale.astype(np.float32)[..., None]), -127, 127).astype(np.int8)
         return {"codes": codes, "scales": scale}
 
-    def decode(self, arrays):
-        return arrays["codes"].astype(np.float32) * arrays["scales"].astype(np.float32)[..., None]
+    def decode(self, arrays, dtype=np.float32):
+        out = arrays["codes"].astype(np.float32) * arrays["scales"].astype(np.float32)[..., None]
+        return out.astype(dtype, copy=False)
 
 
 class VQCodec(Codec):
@@ -131,7 +133,7 @@ class VQCodec(Codec):
             codes[:, :, kv] = index.sa_encode(flat).reshape(n, l, h, k, self.code_size)
         return {"codes": codes}
 
-    def decode(self, arrays):
+    def decode(self, arrays, dtype=np.float32):
         self._need_training()
         codes = arrays["codes"]
         n, (l, _, h, k, d) = codes.shape[0], self.shape
@@ -139,7 +141,7 @@ class VQCodec(Codec):
         for kv, index in enumerate(self.quantizers):
             flat = np.ascontiguousarray(codes[:, :, kv].reshape(-1, self.code_size))
             out[:, :, kv] = index.sa_decode(flat).reshape(n, l, h, k, d)
-        return out
+        return out.astype(dtype, copy=False)
 
     def serialize(self) -> list[bytes]:
         self._need_training()
