@@ -8,6 +8,9 @@ and compute), greedy. With memory: 3 retrievals per sequence (the prompt's 2 chu
 with the RAM cache off (capacity 0). RAG: the references the prompt's chunks retrieve (10, whole, as
 text) in front of the prompt. tokens/s = batch x new tokens / wall time of `generate` (retrieval,
 bank reads, prefill and decoding), the median of --reps runs after a warmup run that compiles.
+
+Stream: `generate_many` over --stream_batches batches of --batch prompts, two in flight, so that one
+batch's host work (BM25, bank reads) overlaps another's decoding; tokens/s = all new tokens / wall time.
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ def run(args) -> dict:
     ref_tokens = rng.integers(5, 5 + 4 * ref_len, (args.refs, ref_len))
     ref_lengths = np.full(args.refs, ref_len)
     prompts = rng.integers(5, 5 + 4 * ref_len, (args.batch, args.prompt_len)).tolist()
+    stream = [rng.integers(5, 5 + 4 * ref_len, (args.batch, args.prompt_len)).tolist()
+              for _ in range(args.stream_batches)]
     path = tempfile.mkdtemp(prefix="decode_bank_")
     result = {"config": args.config, "device": jax.devices()[0].device_kind, "batch": args.batch,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "references": args.refs,
@@ -70,11 +75,19 @@ def run(args) -> dict:
                             "retrievals_per_sequence": sum(r.shape[1] if r.ndim == 3 else 1 for r in out.retrievals),
                             "prompt_tokens": max(len(p) for p in out.prompts),
                             "seconds_parts": {k: statistics.median(p[k] for p in parts) for k in parts[0]}}
+            start = time.perf_counter()
+            generator.generate_many(stream, args.new_tokens, mode=mode, in_flight=2)
+            seconds = time.perf_counter() - start
+            result[mode]["stream"] = {"batches": args.stream_batches, "seconds": seconds,
+                                      "tokens_per_s": args.stream_batches * args.batch * args.new_tokens / seconds}
             print(mode, json.dumps(result[mode]), flush=True)
     finally:
         shutil.rmtree(path, ignore_errors=True)
     result["memory_over_none"] = result["memory"]["tokens_per_s"] / result["none"]["tokens_per_s"]
     result["memory_over_rag"] = result["memory"]["tokens_per_s"] / result["rag"]["tokens_per_s"]
+    speed = {mode: result[mode]["stream"]["tokens_per_s"] for mode in ("none", "memory", "rag")}
+    result["stream_memory_over_none"] = speed["memory"] / speed["none"]
+    result["stream_memory_over_rag"] = speed["memory"] / speed["rag"]
     return result
 
 
@@ -86,6 +99,7 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--refs", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--stream_batches", type=int, default=6)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     result = run(args)

@@ -101,7 +101,8 @@ def _inference_args(cfg, mesh, batch: int):
     if hasattr(Memory3, "decode_step") and hasattr(Memory3, "prefill"):
         cache_len = -(-(config_lib.sink_len(cfg) + t) // 8) * 8
         tokens = jax.ShapeDtypeStruct((batch, t), jnp.int32)
-        cache = jax.eval_shape(lambda p, x: nnx.merge(graphdef, p).prefill(x, cache_len=cache_len)[1], params, tokens)
+        cache = jax.eval_shape(lambda p, x: nnx.merge(graphdef, p).prefill(x, cache_len=cache_len,
+                                                                          memory_slots=refs * k)[1], params, tokens)
         cache = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, sh(x)), cache)
         mem_kv = _abstract((batch, refs, mem.num_layers, 2, m.num_kv_heads, k, m.head_dim), jnp.dtype(m.dtype),
                            sh(jax.ShapeDtypeStruct((0,) * 7, jnp.int8)))
@@ -110,7 +111,8 @@ def _inference_args(cfg, mesh, batch: int):
         def decode(state, cache, token, write_at, mem_kv, mem_valid):
             with sharding.constraints(mesh, rules):
                 model = nnx.merge(graphdef, state)
-                return model.decode_step(token, write_at, cache, model.decode_memory(mem_kv, mem_valid))
+                cache, memory_valid = model.load_memory(cache, mem_kv, mem_valid)
+                return model.decode_step(token, write_at, cache, memory_valid)
 
         args = (state, cache, _abstract((batch,), jnp.int32, rows), _abstract((batch,), jnp.int32, rows),
                 mem_kv, mem_valid)

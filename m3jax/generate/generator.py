@@ -8,11 +8,12 @@ first, as many as fit the context), and no memory is read.
 
 The prompt is read once (`prefill`) into a preallocated KV cache; decoding runs `chunk_len` steps per
 jitted call (one `lax.scan`, cache donated), and the host retrieves between calls. `generate_many`
-interleaves batches so that one batch's host work (retrieval, bank reads) overlaps another's decoding. Tokens after a
+runs batches in threads so that one batch's host work (retrieval, bank reads) overlaps another's decoding. Tokens after a
 row's end-of-text are dropped from its output (the batch keeps its shape while decoding).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import time
@@ -40,11 +41,12 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
-def _prefill(graphdef, state, tokens, lengths, memory, *, cache_len):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "memory_slots"))
+def _prefill(graphdef, state, tokens, lengths, memory, *, cache_len, memory_slots):
     model = nnx.merge(graphdef, state)
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    logits, cache = model.prefill(tokens, cache_len=cache_len, memory=memory, padding_mask=mask)
+    logits, cache = model.prefill(tokens, cache_len=cache_len, memory=memory, padding_mask=mask,
+                                  memory_slots=memory_slots)
     return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], cache
 
 
@@ -56,13 +58,16 @@ def _per_layer(cache):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_p"), donate_argnums=(3,))
 def _decode(graphdef, state, layer_states, cache, token, write_at, memory_kv, key, *, steps, temperature, top_p):
-    """Feed `token` and `steps - 1` more sampled ones; returns the `steps` tokens sampled after them."""
+    """Feed `token` and `steps - 1` more sampled ones; returns the `steps` tokens sampled after them.
+    memory_kv: None, or the memories (kv, valid) this span reads, written into the cache's memory slots."""
     model = nnx.merge(graphdef, state)
-    memory = None if memory_kv is None else model.decode_memory(*memory_kv)
+    memory_valid = None
+    if memory_kv is not None:
+        cache, memory_valid = model.load_memory(cache, *memory_kv)
 
     def step(carry, key):
         cache, token, write_at = carry
-        logits, cache = model.decode_step(token, write_at, cache, memory, layer_states)
+        logits, cache = model.decode_step(token, write_at, cache, memory_valid, layer_states)
         token = next_token(logits, key, model.cfg.model.vocab_size, temperature, top_p)
         return (cache, token, write_at + 1), token
 
@@ -92,7 +97,7 @@ class Generator:
 
     def generate_many(self, batches, max_new_tokens: int, *, mode: str = "memory", temperature: float = 0.0,
                       top_p: float = 1.0, seed: int = 0, in_flight: int = 2) -> list[Generation]:
-        """Generate for several batches of prompts, `in_flight` of them interleaved: while the device
+        """Generate for several batches of prompts, `in_flight` of them at a time: while the device
         decodes one batch, the host retrieves and reads the bank for another (each batch's results are
         what `generate` gives it alone; batch i samples with seed + i)."""
         check_sampling(temperature, top_p)
@@ -109,24 +114,17 @@ class Generator:
         batches = [[list(map(int, p)) for p in prompts] for prompts in batches]
         for prompts in batches:
             self._check_prompts(prompts, max_new_tokens)
-        results = [None] * len(batches)
-        pending = list(enumerate(batches))
-        running = []  # (batch index, coroutine): advanced in turn, each up to its next wait on the device
-        while pending or running:
-            while pending and len(running) < in_flight:
-                i, prompts = pending.pop(0)
-                running.append((i, self._generation(prompts, max_new_tokens, mode, temperature, top_p, seed + i)))
-            i, run = running.pop(0)
-            try:
-                next(run)
-                running.append((i, run))
-            except StopIteration as done:
-                results[i] = done.value
-        return results
+        if in_flight == 1 or len(batches) == 1:
+            return [self._generation(p, max_new_tokens, mode, temperature, top_p, seed + i)
+                    for i, p in enumerate(batches)]
+        # Threads, not coroutines: a decoding span (a while loop on the device) holds its calling thread
+        # until it ends, with the GIL released, so another thread's host work runs meanwhile.
+        with concurrent.futures.ThreadPoolExecutor(in_flight, thread_name_prefix="generate") as pool:
+            runs = [pool.submit(self._generation, p, max_new_tokens, mode, temperature, top_p, seed + i)
+                    for i, p in enumerate(batches)]
+            return [run.result() for run in runs]
 
-    def _generation(self, prompts, max_new_tokens, mode, temperature, top_p, seed):
-        """One batch's generation as a coroutine: it yields after dispatching device work and before
-        waiting for its result, so that a caller can do another batch's host work meanwhile."""
+    def _generation(self, prompts, max_new_tokens, mode, temperature, top_p, seed) -> Generation:
         seconds = {"prefill": 0.0, "decode": 0.0, "retrieval": 0.0}
         retrievals = []
         tokens, lengths = self._pad(prompts)
@@ -147,16 +145,15 @@ class Generator:
 
         t0 = time.perf_counter()
         cache_len = _round_up(sink_len(self.cfg) + tokens.shape[1] + max_new_tokens, 8)
+        # Memory mode: the memory layers' caches end in slots for one memory set (R references x k tokens).
+        memory_slots = 0 if memory is None else first_kv[0].shape[1] * first_kv[0].shape[5]
         logits, cache = _prefill(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(lengths),
-                                 memory, cache_len=cache_len)
+                                 memory, cache_len=cache_len, memory_slots=memory_slots)
         key = jax.random.key(seed)
         key, first_key = jax.random.split(key)
         token = next_token(logits, first_key, self.cfg.model.vocab_size, temperature, top_p)
         if self.layer_states is not None:
             cache = _per_layer(cache)
-        seconds["prefill"] += time.perf_counter() - t0
-        yield
-        t0 = time.perf_counter()
         out = [np.asarray(token)[:, None]]
         seconds["prefill"] += time.perf_counter() - t0
         write_at = jnp.asarray(sink_len(self.cfg) + lengths, jnp.int32)
@@ -178,11 +175,8 @@ class Generator:
             key, span_key = jax.random.split(key)
             new_tokens, cache = _decode(self.graphdef, self.state, self.layer_states, cache, token, write_at,
                                         memory_kv, span_key, steps=steps, temperature=temperature, top_p=top_p)
-            token, write_at, done = new_tokens[:, -1], write_at + steps, done + steps
-            seconds["decode"] += time.perf_counter() - t0
-            yield
-            t0 = time.perf_counter()
             out.append(np.asarray(new_tokens))
+            token, write_at, done = new_tokens[:, -1], write_at + steps, done + steps
             seconds["decode"] += time.perf_counter() - t0
         return Generation([self._until_eos(row) for row in np.concatenate(out, axis=1)], prompts, retrievals,
                           seconds)

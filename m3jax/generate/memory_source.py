@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -30,6 +31,7 @@ class MemorySource:
         self.refs_per_chunk = refs_per_chunk or cfg.memory.refs_per_chunk
         self.leak_threshold = cfg.memory.leak_threshold_eval if leak_threshold is None else leak_threshold
         self.candidates = candidates or 2 * self.refs_per_chunk  # spares for references the filter drops
+        self._lock = threading.Lock()  # retrievers are not promised to be thread-safe; generation uses threads
 
     @classmethod
     def open(cls, cfg, data_dir, bank_path, model, *, cache_capacity: int = 4096, **kwargs) -> MemorySource:
@@ -63,7 +65,9 @@ class MemorySource:
         live = [i for i, q in enumerate(queries) if len(q)]
         if not live:
             return out
-        _, ids = self.retriever.retrieve([self.decode(list(map(int, queries[i]))) for i in live], self.candidates)
+        texts = [self.decode(list(map(int, queries[i]))) for i in live]
+        with self._lock:
+            _, ids = self.retriever.retrieve(texts, self.candidates)
         for row, i in enumerate(live):
             found = [int(j) for j in ids[row] if j >= 0]
             if found and leak_texts is not None and len(leak_texts[i]):

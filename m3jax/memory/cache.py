@@ -26,6 +26,8 @@ class CachedBankReader:
         self.bank, self.capacity, self.dtype = bank, capacity, dtype
         self._cache: collections.OrderedDict[int, tuple] = collections.OrderedDict()
         self.hits = self.misses = 0
+        self._lock = threading.Lock()  # generation reads for several batches from threads
+
 
     def gather(self, ids):
         """ids: integer array of any shape (NO_REFERENCE allowed) -> memories (*ids.shape, *memory_shape) in
@@ -33,6 +35,10 @@ class CachedBankReader:
         ids = np.asarray(ids)
         if not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"reference ids must be integers, got {ids.dtype}")
+        with self._lock:
+            return self._gather(ids)
+
+    def _gather(self, ids):
         shape = self.bank.memory_shape
         unique, inverse = np.unique(ids.reshape(-1), return_inverse=True)
         # One table row per distinct id (zeros and no valid slot for NO_REFERENCE), filled from the cache

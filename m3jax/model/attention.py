@@ -11,8 +11,6 @@ Kernels (all take one explicit boolean mask, so memory keys can sit anywhere amo
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -109,15 +107,15 @@ class Attention(nnx.Module):
         out = checkpoint_name(self.o_proj(out), "attn_proj")
         return out, ((q, k, k_rot, v) if collect else None)
 
-    def decode(self, x, cos, sin, cache_kv, write_at, memory=None):
+    def decode(self, x, cos, sin, cache_kv, write_at, memory_valid=None):
         """One new token per row against a KV cache (generation).
 
         x: (B, 1, dim); cache_kv: (k, v) each (B, S, Hkv, D), the stream so far, read only; write_at: (B,)
-        the stream index of this token (cache keys at and after it are ignored); memory: None or
-        (k, v, valid) with k, v (B, Nm, Hkv, D) and valid (B, Nm), the memories this token reads.
-        Returns (out (B, 1, dim), (k, v) of this token, each (B, Hkv, D), for the caller to store).
-        The new key is scored apart from the cache rather than written into it first: an update of
-        the cache inside the layer loop makes XLA copy the whole cache once per layer.
+        the stream index of this token (cache keys at and after it are ignored); memory_valid: None, or
+        (B, Nm) bool when the cache's last Nm positions hold memories (`Memory3.load_memory`): which of
+        them this token reads. Returns (out (B, 1, dim), (k, v) of this token, each (B, Hkv, D), for the
+        caller to store). The new key is scored apart from the cache rather than written into it first:
+        an update of the cache inside the layer loop makes XLA copy the whole cache once per layer.
         """
         b = x.shape[0]
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -125,23 +123,19 @@ class Attention(nnx.Module):
         hq, (hkv, d) = q.shape[2], k.shape[2:]
         qg = q_rot.reshape(b, hkv, hq // hkv, d)
         cache_k, cache_v = cache_kv
-        parts = [(cache_k, cache_v, jnp.arange(cache_k.shape[1])[None, :] < write_at[:, None])]
-        if memory is not None:
-            parts.insert(0, memory)
-        # One softmax over [memory | cache | this token], computed part by part (no concatenation).
+        ok = jnp.arange(cache_k.shape[1])[None, :] < write_at[:, None]
+        if memory_valid is not None:  # memories in the cache's tail: one softmax over stream and memories
+            ok = jnp.concatenate([ok[:, :cache_k.shape[1] - memory_valid.shape[1]], memory_valid], axis=1)
+        # One softmax over [cache | this token], in two parts (no concatenation of the new key).
         scale = d ** -0.5
-        scores = [jnp.where(ok[:, None, None, :], jnp.einsum("bhgd,bkhd->bhgk", qg, keys.astype(qg.dtype),
-                                                             preferred_element_type=jnp.float32) * scale, _NEG)
-                  for keys, _, ok in parts]
+        scores = jnp.einsum("bhgd,bkhd->bhgk", qg, cache_k.astype(qg.dtype), preferred_element_type=jnp.float32)
+        scores = jnp.where(ok[:, None, None, :], scores * scale, _NEG)
         own = jnp.einsum("bhgd,bhd->bhg", qg, k_rot[:, 0], preferred_element_type=jnp.float32)[..., None] * scale
-        top = jnp.maximum(functools.reduce(jnp.maximum, [x.max(axis=-1, keepdims=True) for x in scores]), own)
-        weights = [jnp.exp(x - top) for x in scores]
-        own = jnp.exp(own - top)
-        total = functools.reduce(jnp.add, [w.sum(axis=-1, keepdims=True) for w in weights]) + own
+        top = jnp.maximum(scores.max(axis=-1, keepdims=True), own)
+        weights, own = jnp.exp(scores - top), jnp.exp(own - top)
+        total = weights.sum(axis=-1, keepdims=True) + own
         out = own * v[:, 0, :, None, :].astype(jnp.float32)
-        for w, (_, values, _) in zip(weights, parts):
-            out += jnp.einsum("bhgk,bkhd->bhgd", w.astype(qg.dtype), values.astype(qg.dtype),
-                              preferred_element_type=jnp.float32)
-        out = out / total
-        out = out.reshape(b, 1, hq, d).astype(q.dtype)
+        out += jnp.einsum("bhgk,bkhd->bhgd", weights.astype(qg.dtype), cache_v.astype(qg.dtype),
+                          preferred_element_type=jnp.float32)
+        out = (out / total).reshape(b, 1, hq, d).astype(q.dtype)
         return self.o_proj(out), (k_rot[:, 0], v[:, 0])

@@ -99,22 +99,53 @@ class Memory3(nnx.Module):
         """
         return self._forward(tokens, memory, padding_mask, collect_kv=False)[0]
 
-    def prefill(self, tokens, *, cache_len: int, memory: MemoryInputs | None = None, padding_mask=None):
+    def prefill(self, tokens, *, cache_len: int, memory: MemoryInputs | None = None, padding_mask=None,
+                memory_slots: int = 0):
         """Read a prompt and keep its keys and values for decoding.
 
         Returns (logits (B, T, padded_vocab), cache): cache holds, per segment of the stack, (k, v) each
-        (layers, B, cache_len, Hkv, D) over the stream `[sink | tokens]` (stream index = sink_len + t).
+        (layers, B, cache_len, Hkv, D) over the stream `[sink | tokens]` (stream index = sink_len + t);
+        the memory layers' caches have `memory_slots` more positions at the end, for the memories that
+        decoding reads (`load_memory`).
         """
         logits, kv = self._forward(tokens, memory, padding_mask, collect_kv=True)
         stream = kv[0][0].shape[2]
         if cache_len < stream:
             raise ValueError(f"cache_len={cache_len} is shorter than the prompt's stream ({stream} positions)")
-        pad = [(0, 0), (0, 0), (0, cache_len - stream), (0, 0), (0, 0)]
-        return logits, [tuple(jnp.pad(x, pad) for x in seg_kv) for seg_kv in kv]
+        cache = []
+        for seg, seg_kv in zip(self.layers, kv):
+            pad = [(0, 0), (0, 0), (0, cache_len - stream + (memory_slots if seg.is_memory else 0)), (0, 0), (0, 0)]
+            cache.append(tuple(jnp.pad(x, pad) for x in seg_kv))
+        return logits, cache
 
-    def decode_step(self, tokens, write_at, cache, memory=None, layer_states=None):
+    def load_memory(self, cache, kv, valid):
+        """Write one memory set per row into the memory slots of the memory layers' caches (their last
+        Nm positions, `prefill(memory_slots=Nm)`), replacing what was there.
+
+        kv (B, R, memory_layers, 2, Hkv, k, D), valid (B, R, k) -> (cache, memory_valid (B, Nm = R*k)) for
+        `decode_step`. The cache is per segment, stacked (k, v) or a list of per-layer (k, v) (LayerStack.decode).
+        """
+        b = kv.shape[0]
+        mem_k, mem_v, _, memory_valid = self._memory_layout(MemoryInputs(kv[:, None], valid[:, None]), b, 1)
+        n = memory_valid.shape[1]
+        lengths = {seg.is_memory: seg_kv[0][0].shape[1] for seg, seg_kv in zip(self.layers, cache)}  # B, S, ..
+        if False in lengths and lengths[True] - lengths[False] != n:
+            raise ValueError(f"the memory layers' caches have {lengths[True] - lengths[False]} memory slots, these "
+                             f"memories need {n}: prefill with memory_slots={n}")
+        out = []
+        for seg, seg_kv in zip(self.layers, cache):
+            if seg.is_memory and isinstance(seg_kv, list):
+                seg_kv = [(k.at[:, -n:].set(mem_k[i].astype(k.dtype)), v.at[:, -n:].set(mem_v[i].astype(v.dtype)))
+                          for i, (k, v) in enumerate(seg_kv)]
+            elif seg.is_memory:
+                k, v = seg_kv
+                seg_kv = (k.at[:, :, -n:].set(mem_k.astype(k.dtype)), v.at[:, :, -n:].set(mem_v.astype(v.dtype)))
+            out.append(seg_kv)
+        return out, memory_valid
+
+    def decode_step(self, tokens, write_at, cache, memory_valid=None, layer_states=None):
         """One token per row: tokens (B,) at stream index write_at (B,); cache as `prefill` returns it;
-        memory: None or (k, v, valid), k and v (memory_layers, B, Nm, Hkv, D) as `decode_memory` makes them.
+        memory_valid: None, or (B, Nm) as `load_memory` returns it with the cache holding the memories.
 
         Returns (logits (B, padded_vocab) predicting the next token, updated cache). layer_states: None
         (layers scanned over the stacked weights), or per segment `LayerStack.layer_states()`, with the
@@ -124,17 +155,10 @@ class Memory3(nnx.Module):
         h = self._embed(tokens[:, None].astype(jnp.int32))
         new_cache = []
         for i, (seg, seg_kv) in enumerate(zip(self.layers, cache)):
-            h, seg_kv = seg.decode(h, cos, sin, seg_kv, write_at, memory if seg.is_memory else None,
+            h, seg_kv = seg.decode(h, cos, sin, seg_kv, write_at, memory_valid if seg.is_memory else None,
                                    None if layer_states is None else layer_states[i])
             new_cache.append(seg_kv)
         return self._logits(self.norm(h))[:, 0], new_cache
-
-    def decode_memory(self, kv, valid):
-        """One memory set per row, kv (B, R, memory_layers, 2, Hkv, k, D) and valid (B, R, k) -> the
-        (k, v, valid) that `decode_step` reads: k, v (memory_layers, B, R*k, Hkv, D), valid (B, R*k)."""
-        b = kv.shape[0]
-        k, v, _, mem_valid = self._memory_layout(MemoryInputs(kv[:, None], valid[:, None]), b, 1)
-        return k, v, mem_valid
 
     def _forward(self, tokens, memory, padding_mask, collect_kv: bool):
         tokens = self._check_tokens(tokens, "tokens")

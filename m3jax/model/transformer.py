@@ -32,8 +32,8 @@ class Block(nnx.Module):
         h = h + self.mlp(self.post_attention_layernorm(h))
         return constrain(h, ("batch", "length", "embed")), aux
 
-    def decode(self, h, cos, sin, cache_kv, write_at, memory=None):
-        a, cache_kv = self.self_attn.decode(self.input_layernorm(h), cos, sin, cache_kv, write_at, memory)
+    def decode(self, h, cos, sin, cache_kv, write_at, memory_valid=None):
+        a, cache_kv = self.self_attn.decode(self.input_layernorm(h), cos, sin, cache_kv, write_at, memory_valid)
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h)), cache_kv
 
@@ -97,9 +97,9 @@ class LayerStack(nnx.Module):
         state = nnx.state(self.blocks)
         return [jax.tree.map(lambda x, i=i: x[i], state) for i in range(self.num_layers)]
 
-    def decode(self, h, cos, sin, cache_kv, write_at, memory=None, layer_states=None):
+    def decode(self, h, cos, sin, cache_kv, write_at, memory_valid=None, layer_states=None):
         """One token per row through the layers. cache_kv: (k, v) each (layers, B, S, Hkv, D);
-        memory: None or (k, v) each (layers, B, Nm, Hkv, D) and valid (B, Nm). Returns (h, cache_kv).
+        memory_valid: None, or (B, Nm) when the caches' last Nm positions hold memories. Returns (h, cache_kv).
 
         Layers only read the cache; the new keys and values of all layers are written once, after the
         loop, by a scan over the stacked weights. With `layer_states` (from `layer_states()`) the layers run
@@ -107,23 +107,20 @@ class LayerStack(nnx.Module):
         each (B, S, Hkv, D), and each layer updates its own cache in place.
         """
         graphdef, state = nnx.split(self.blocks)
-        mem_kv, mem_valid = (None, None) if memory is None else (memory[:2], memory[2])
         rows = jnp.arange(h.shape[0])
         if layer_states is not None:
             new_cache = []
-            for i, (layer_state, (k_i, v_i)) in enumerate(zip(layer_states, cache_kv)):
-                mem_i = None if mem_kv is None else (mem_kv[0][i], mem_kv[1][i], mem_valid)
-                h, (k, v) = nnx.merge(graphdef, layer_state).decode(h, cos, sin, (k_i, v_i), write_at, mem_i)
+            for layer_state, (k_i, v_i) in zip(layer_states, cache_kv):
+                h, (k, v) = nnx.merge(graphdef, layer_state).decode(h, cos, sin, (k_i, v_i), write_at, memory_valid)
                 new_cache.append((k_i.at[rows, write_at].set(k.astype(k_i.dtype)),
                                   v_i.at[rows, write_at].set(v.astype(v_i.dtype))))
             return h, new_cache
 
         def layer(h, xs):
-            layer_state, k, v, mem = xs
-            block = nnx.merge(graphdef, layer_state)
-            return block.decode(h, cos, sin, (k, v), write_at, None if mem is None else (*mem, mem_valid))
+            layer_state, k, v = xs
+            return nnx.merge(graphdef, layer_state).decode(h, cos, sin, (k, v), write_at, memory_valid)
 
-        h, (new_k, new_v) = jax.lax.scan(layer, h, (state, *cache_kv, mem_kv))
+        h, (new_k, new_v) = jax.lax.scan(layer, h, (state, *cache_kv))
         cache_k = cache_kv[0].at[:, rows, write_at].set(new_k.astype(cache_kv[0].dtype))
         cache_v = cache_kv[1].at[:, rows, write_at].set(new_v.astype(cache_kv[1].dtype))
         return h, (cache_k, cache_v)
