@@ -9,7 +9,7 @@ with the RAM cache off (capacity 0). RAG: the references the prompt's chunks ret
 text) in front of the prompt. tokens/s = batch x new tokens / wall time of `generate` (retrieval,
 bank reads, prefill and decoding), the median of --reps runs after a warmup run that compiles.
 
-Stream: `generate_many` over --stream_batches batches of --batch prompts, two in flight, so that one
+Stream: `generate_many` over --stream_batches batches of --batch prompts, --in_flight at a time, so one
 batch's host work (BM25, bank reads) overlaps another's decoding; tokens/s = all new tokens / wall time.
 """
 from __future__ import annotations
@@ -37,6 +37,31 @@ from m3jax.retrieval.bm25 import BM25Retriever
 def words(ids) -> str:
     """Token ids as text BM25 can index: one pseudo-word per id."""
     return " ".join(f"w{int(i)}" for i in ids)
+
+
+def _union(intervals) -> list:
+    merged = []
+    for a, b in sorted(intervals):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return merged
+
+
+def _length(intervals) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def timeline(generations, start: float) -> dict:
+    """Where a stream's wall time went: host retrieval, the device phases (prefill and decoding, as seen
+    from the host), and how long retrieval ran while some batch was on the device."""
+    events = [(i, phase, a - start, b - start) for i, g in enumerate(generations) for phase, a, b in g.events]
+    host = _union([(a, b) for _, phase, a, b in events if phase == "retrieval"])
+    device = _union([(a, b) for _, phase, a, b in events if phase != "retrieval"])
+    both = sum(max(0.0, min(b, d) - max(a, c)) for a, b in host for c, d in device)
+    return {"retrieval_s": _length(host), "device_s": _length(device), "overlap_s": both,
+            "events": [[i, phase, round(a, 4), round(b, 4)] for i, phase, a, b in events]}
 
 
 def run(args) -> dict:
@@ -76,11 +101,13 @@ def run(args) -> dict:
                             "prompt_tokens": max(len(p) for p in out.prompts),
                             "seconds_parts": {k: statistics.median(p[k] for p in parts) for k in parts[0]}}
             start = time.perf_counter()
-            generator.generate_many(stream, args.new_tokens, mode=mode, in_flight=2)
+            outs = generator.generate_many(stream, args.new_tokens, mode=mode, in_flight=args.in_flight)
             seconds = time.perf_counter() - start
             result[mode]["stream"] = {"batches": args.stream_batches, "seconds": seconds,
-                                      "tokens_per_s": args.stream_batches * args.batch * args.new_tokens / seconds}
-            print(mode, json.dumps(result[mode]), flush=True)
+                                      "tokens_per_s": args.stream_batches * args.batch * args.new_tokens / seconds,
+                                      **timeline(outs, start)}
+            print(mode, json.dumps({k: v for k, v in result[mode].items() if k != "stream"}),
+                  json.dumps({k: v for k, v in result[mode]["stream"].items() if k != "events"}), flush=True)
     finally:
         shutil.rmtree(path, ignore_errors=True)
     result["memory_over_none"] = result["memory"]["tokens_per_s"] / result["none"]["tokens_per_s"]
@@ -100,10 +127,11 @@ def main() -> None:
     parser.add_argument("--refs", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--stream_batches", type=int, default=6)
+    parser.add_argument("--in_flight", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     result = run(args)
-    print(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("none", "memory", "rag")}, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

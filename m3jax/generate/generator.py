@@ -35,6 +35,7 @@ class Generation:
     prompts: list[list[int]]  # what the model read: the prompts, with the references in front for RAG
     retrievals: list[np.ndarray]  # reference ids: prompt chunks (B, C, R), then (B, R) per decoding swap
     seconds: dict  # prefill, decode, retrieval (host) wall time
+    events: list = dataclasses.field(default_factory=list)  # (phase, start, end) in time.perf_counter seconds
 
 
 def _round_up(n: int, m: int) -> int:
@@ -126,6 +127,12 @@ class Generator:
 
     def _generation(self, prompts, max_new_tokens, mode, temperature, top_p, seed) -> Generation:
         seconds = {"prefill": 0.0, "decode": 0.0, "retrieval": 0.0}
+        events = []
+
+        def took(phase, t0):
+            end = time.perf_counter()
+            seconds[phase] += end - t0
+            events.append((phase, t0, end))
         retrievals = []
         tokens, lengths = self._pad(prompts)
         memory = None
@@ -141,7 +148,7 @@ class Generator:
                 # Decoding starts with the memories of each prompt's last chunk: already read, not read again.
                 rows, last_chunk = np.arange(len(prompts)), (lengths - 1) // self.chunk
                 first_kv = (memory.kv[rows, last_chunk], memory.valid[rows, last_chunk])
-            seconds["retrieval"] += time.perf_counter() - t0
+            took("retrieval", t0)
 
         t0 = time.perf_counter()
         cache_len = _round_up(sink_len(self.cfg) + tokens.shape[1] + max_new_tokens, 8)
@@ -155,7 +162,7 @@ class Generator:
         if self.layer_states is not None:
             cache = _per_layer(cache)
         out = [np.asarray(token)[:, None]]
-        seconds["prefill"] += time.perf_counter() - t0
+        took("prefill", t0)
         write_at = jnp.asarray(sink_len(self.cfg) + lengths, jnp.int32)
         done = 1  # new tokens so far; the next one fed is new[done - 1], reading memory epoch (done - 1) // chunk
         while done < max_new_tokens:
@@ -169,7 +176,7 @@ class Generator:
                     last = self.source.retrieve(queries)
                     retrievals.append(last)
                 memory_kv = first_kv if fed == 0 else jax.device_put(self.source.reader.gather(last))
-                seconds["retrieval"] += time.perf_counter() - t0
+                took("retrieval", t0)
             t0 = time.perf_counter()
             steps = min(self.chunk, max_new_tokens - done)
             key, span_key = jax.random.split(key)
@@ -177,9 +184,9 @@ class Generator:
                                         memory_kv, span_key, steps=steps, temperature=temperature, top_p=top_p)
             out.append(np.asarray(new_tokens))
             token, write_at, done = new_tokens[:, -1], write_at + steps, done + steps
-            seconds["decode"] += time.perf_counter() - t0
+            took("decode", t0)
         return Generation([self._until_eos(row) for row in np.concatenate(out, axis=1)], prompts, retrievals,
-                          seconds)
+                          seconds, events)
 
     # ---- helpers ------------------------------------------------------------------------------
     def _check_prompts(self, prompts, max_new_tokens: int) -> None:
