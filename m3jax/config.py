@@ -242,7 +242,7 @@ def to_json(cfg) -> str:
 def save_resolved(cfg, directory: str | os.PathLike) -> pathlib.Path:
     out = pathlib.Path(directory) / "config.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # per process: all processes of a multi-process run write it
     tmp.write_text(to_json(cfg))
     tmp.replace(out)  # atomic: a crash never leaves a half-written config
     return out
