@@ -44,7 +44,8 @@ flags.DEFINE_string("init_from", None, "Stage 2: the stage-1 run directory to st
 flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
 flags.DEFINE_integer("log_every", 10, "Steps between metric lines.")
 flags.DEFINE_bool("distributed", False, "Join a multi-process run with jax.distributed.initialize(): TPU VMs and "
-                  "SLURM are detected; otherwise M3JAX_COORDINATOR, M3JAX_NUM_PROCESSES, M3JAX_PROCESS_ID.")
+                  "SLURM are detected; otherwise M3JAX_COORDINATOR, M3JAX_NUM_PROCESSES, M3JAX_PROCESS_ID. "
+                  "M3JAX_DISTRIBUTED_TIMEOUT (seconds, default 300) bounds each rendezvous.")
 flags.DEFINE_list("tasks", ["hellaswag", "arc_easy", "arc_challenge", "boolq", "piqa", "winogrande", "sciq"],
                   "eval: benchmarks (comma-separated); `heldout` is the loss on the prepared held-out sequences.")
 flags.DEFINE_integer("limit", None, "eval: at most this many questions (held-out sequences) per task.")
@@ -162,20 +163,39 @@ def data_unpack(_) -> None:
     print(f"unpacked into {unpack(_required('packed_dir'), flags.FLAGS.data_dir)}")
 
 
+def _distributed_initialize() -> None:
+    """jax.distributed.initialize() with every rendezvous bounded by M3JAX_DISTRIBUTED_TIMEOUT seconds (default 300):
+    a process that never arrives, or dies before the others, is an error naming the step that timed out, not a hang."""
+    import inspect
+    import math
+    import os
+
+    import jax
+
+    env = {"coordinator_address": "M3JAX_COORDINATOR", "num_processes": "M3JAX_NUM_PROCESSES",
+           "process_id": "M3JAX_PROCESS_ID"}
+    kwargs = {k: (os.environ[v] if k == "coordinator_address" else int(os.environ[v]))
+              for k, v in env.items() if v in os.environ}
+    timeout = int(os.environ.get("M3JAX_DISTRIBUTED_TIMEOUT", 300))
+    # Connecting to the coordinator, noticing a silent peer, the exit barrier; passed only where this jax's
+    # initialize() takes the keyword (CI runs jax 0.10, the GPU image 0.11).
+    timeouts = {"initialization_timeout": timeout, "heartbeat_timeout_seconds": min(timeout, 100),
+                "shutdown_timeout_seconds": timeout}
+    accepted = inspect.signature(jax.distributed.initialize).parameters
+    kwargs.update({k: v for k, v in timeouts.items() if k in accepted})
+    # The CPU backend's own exchange of device topologies waits 2 and 5 minutes by default (whole minutes).
+    for name in ("jax_cpu_get_local_topology_timeout_minutes", "jax_cpu_get_global_topology_timeout_minutes"):
+        if name in jax.config.values:
+            jax.config.update(name, max(1, math.ceil(timeout / 60)))
+    jax.distributed.initialize(**kwargs)
+
+
 @command("train")
 def train_cmd(cfg) -> None:
     from m3jax.train.loop import train
 
     if flags.FLAGS.distributed:
-        import os
-
-        import jax
-
-        env = {"coordinator_address": "M3JAX_COORDINATOR", "num_processes": "M3JAX_NUM_PROCESSES",
-               "process_id": "M3JAX_PROCESS_ID"}
-        kwargs = {k: (os.environ[v] if k == "coordinator_address" else int(os.environ[v]))
-                  for k, v in env.items() if v in os.environ}
-        jax.distributed.initialize(**kwargs)
+        _distributed_initialize()
     result = train(cfg, flags.FLAGS.data_dir, _required("workdir"), init_from=flags.FLAGS.init_from,
                    checkpoint_every=flags.FLAGS.checkpoint_every, log_every=flags.FLAGS.log_every)
     print(f"stage {cfg.train.stage}: step {result['step']}, last loss {result['loss']:.4f}; checkpoints, metrics.jsonl "
