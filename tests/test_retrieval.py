@@ -146,3 +146,19 @@ def test_dense_minilm_paraphrase(tmp_path):
     r.save(tmp_path / "dense")
     loaded = DenseRetriever.load(tmp_path / "dense", r.embedder)
     np.testing.assert_array_equal(loaded.retrieve(queries, 2)[1], ids)
+
+
+def test_bm25_runs_nothing_on_the_accelerator(monkeypatch):
+    """bm25s would pick jax.lax.top_k when JAX is installed: one device call per query, which in
+    generation waits behind the model's own decoding. Our retriever selects with NumPy."""
+    import jax
+
+    r = BM25Retriever.build(DOCS)
+    want = r.retrieve(["Why do the penguins swim?", "bread yeast"], 2)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("BM25 retrieval called jax.lax.top_k")
+
+    monkeypatch.setattr(jax.lax, "top_k", refuse)
+    for a, b in zip(r.retrieve(["Why do the penguins swim?", "bread yeast"], 2), want):
+        np.testing.assert_array_equal(a, b)

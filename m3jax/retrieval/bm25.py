@@ -66,7 +66,10 @@ class BM25Retriever(Retriever):
         rows = [i for i, q in enumerate(tokens) if q]
         if rows:
             kk = min(k, self.count)  # bm25s refuses k > corpus size
-            docs, s = self.model.retrieve([tokens[i] for i in rows], k=kk, show_progress=False)
+            # NumPy top-k: bm25s would otherwise pick jax.lax.top_k, one accelerator call per query, queued
+            # behind whatever the model is running there (generation waited on its own decoding for this).
+            docs, s = self.model.retrieve([tokens[i] for i in rows], k=kk, show_progress=False,
+                                          backend_selection="numpy")
             hit = s > 0
             scores[rows, :kk] = np.where(hit, s, -np.inf)
             ids[rows, :kk] = np.where(hit, docs, -1)
