@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from m3jax.checkpoint import load_model
+from m3jax.data.loader import gather_references
 from m3jax.data.prepare import open_prepared
 from m3jax.eval.heldout import sequence_loss
 from m3jax.memory.bank import MemoryBank
@@ -38,10 +39,8 @@ def heldout_batches(arrays, batch: int, limit: int):
     ref_tokens, ref_lengths = np.asarray(arrays["ref_tokens"]), np.asarray(arrays["ref_lengths"])
     for lo in range(0, n - batch + 1, batch):
         ids = np.asarray(arrays["heldout_ref_ids"][lo:lo + batch])
-        found = ids >= 0
         yield (np.asarray(arrays["heldout_tokens"][lo:lo + batch]).astype(np.int32), ids,
-               np.where(found[..., None], ref_tokens[np.maximum(ids, 0)], 0).astype(np.int32),
-               np.where(found, ref_lengths[np.maximum(ids, 0)], 0).astype(np.int32))
+               *gather_references(ref_tokens, ref_lengths, ids))
 
 
 def heldout_losses(cfg, data_dir, stage1, stage2, bank_path, batch: int = 16, limit: int = 256) -> dict:

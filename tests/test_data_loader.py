@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from m3jax.data.loader import StepLoader
+from m3jax.data.loader import StepLoader, gather_references
 from m3jax.data.references import sentences, split_references
 from m3jax.data.split import heldout_fraction_of, is_heldout
 
@@ -56,6 +56,15 @@ def test_bad_loader_arguments():
         StepLoader(data(), 8, process_count=3)
     with pytest.raises(ValueError, match="empty"):
         StepLoader({"a": np.zeros((0, 2))}, 2)
+
+
+def test_gather_references_by_id():
+    ref_tokens = np.arange(12).reshape(4, 3) + 10
+    ref_lengths = np.array([3, 1, 2, 3])
+    tokens, lengths = gather_references(ref_tokens, ref_lengths, np.array([[2, -1], [0, 3]]))
+    assert tokens.dtype == lengths.dtype == np.int32
+    assert tokens.tolist() == [[[16, 17, 18], [0, 0, 0]], [[10, 11, 12], [19, 20, 21]]]
+    assert lengths.tolist() == [[2, 0], [3, 3]]
 
 
 def test_split_is_stable_and_about_the_fraction():

@@ -60,3 +60,12 @@ class StepLoader:
 
     def epoch_of(self, step: int) -> int:
         return step * self.global_batch // self.size
+
+
+def gather_references(ref_tokens, ref_lengths, ids) -> tuple[np.ndarray, np.ndarray]:
+    """Reference ids of any shape (-1: none retrieved) -> their tokens (*ids.shape, reference_len) and
+    lengths (*ids.shape), int32, zeros where there is no reference."""
+    ids = np.asarray(ids)
+    found, safe = ids >= 0, np.maximum(ids, 0)
+    return (np.where(found[..., None], np.asarray(ref_tokens)[safe], 0).astype(np.int32),
+            np.where(found, np.asarray(ref_lengths)[safe], 0).astype(np.int32))

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from m3jax import config as config_lib
 from m3jax import sharding
-from m3jax.data.loader import StepLoader
+from m3jax.data.loader import StepLoader, gather_references
 from m3jax.data.prepare import open_prepared
 from m3jax.model.lm import Memory3
 from m3jax.train.metrics import MetricsLogger
@@ -105,11 +105,8 @@ def _batches(cfg, arrays):
     ref_tokens, ref_lengths = np.asarray(arrays["ref_tokens"]), np.asarray(arrays["ref_lengths"])
 
     def to_batch(rows):
-        ids = rows["ref_ids"]
-        found = ids >= 0
-        return {"tokens": rows["tokens"].astype(np.int32),
-                "ref_tokens": np.where(found[..., None], ref_tokens[np.maximum(ids, 0)], 0).astype(np.int32),
-                "ref_lengths": np.where(found, ref_lengths[np.maximum(ids, 0)], 0).astype(np.int32)}
+        tokens, lengths = gather_references(ref_tokens, ref_lengths, rows["ref_ids"])
+        return {"tokens": rows["tokens"].astype(np.int32), "ref_tokens": tokens, "ref_lengths": lengths}
     return loader, to_batch
 
 
