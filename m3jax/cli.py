@@ -10,7 +10,7 @@ Commands:
   data prepare     fetch the default data and write the arrays training reads (--data_dir, --cache_dir)
   data pack        xz-compress prepared data (--data_dir) into --packed_dir, to carry elsewhere
   data unpack      restore prepared data from --packed_dir into --data_dir, checking checksums
-  generate         continue --prompt with memory from --bank (or --mode=none / rag)
+  generate         continue --prompt / --prompts_file with memory from --bank (or --mode=none / rag)
   replicate        stage 1 -> bank -> stage 2, vs a no-memory control and a memory-from-scratch ablation
   train            stage 1 or 2 (--config.train.stage) on prepared data into --workdir; resumes by itself
   export           weights (--checkpoint) as an HF Llama directory + PyTorch Memory3 code (--out), with --bank
@@ -50,7 +50,7 @@ flags.DEFINE_list("tasks", ["hellaswag", "arc_easy", "arc_challenge", "boolq", "
                   "eval: benchmarks (comma-separated); `heldout` is the loss on the prepared held-out sequences.")
 flags.DEFINE_integer("limit", None, "eval: at most this many questions (held-out sequences) per task.")
 flags.DEFINE_integer("eval_batch_size", 16, "eval: rows (question-choice pairs) scored per step.")
-flags.DEFINE_string("output", None, "eval: write the results as JSON to this file.")
+flags.DEFINE_string("output", None, "eval, generate: write the results as JSON to this file.")
 
 COMMANDS = {}
 NO_CONFIG = {"memory info", "memory verify", "data pack", "data unpack"}
@@ -323,6 +323,9 @@ def compile_cmd(cfg) -> None:
 
 
 flags.DEFINE_multi_string("prompt", None, "generate: a prompt (repeat the flag for a batch).")
+flags.DEFINE_string("prompts_file", None, "generate: a text file of prompts, one per line (after any --prompt).")
+flags.DEFINE_integer("generate_batch", 32, "generate: prompts per batch; two batches are in flight, so one "
+                     "batch's retrieval overlaps another's decoding.")
 flags.DEFINE_integer("max_new_tokens", 64, "generate: tokens to generate per prompt.")
 flags.DEFINE_enum("mode", "memory", ["memory", "none", "rag"], "generate: read memories from --bank, no memory, or "
                   "the retrieved references as text in front of the prompt (RAG).")
@@ -333,7 +336,8 @@ flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
 
 @command("generate")
 def generate_cmd(cfg) -> None:
-    """Generate from --prompt with the model at --checkpoint; memory from --bank, retrieval over --data_dir."""
+    """Generate from --prompt / --prompts_file with the model at --checkpoint; memory from --bank, retrieval over
+    --data_dir. Batch i samples with seed + i (a batch of one prompt and --seed gives what it gave before)."""
     import pathlib
 
     from m3jax.checkpoint import load_model
@@ -341,7 +345,19 @@ def generate_cmd(cfg) -> None:
     from m3jax.generate.generator import Generator
     from m3jax.generate.memory_source import MemorySource
 
-    prompts = _required("prompt")
+    prompts = list(flags.FLAGS.prompt or [])
+    if flags.FLAGS.prompts_file:
+        path = pathlib.Path(flags.FLAGS.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts_file={path}: no such file")
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"--prompts_file={path} holds no prompt (one per line; blank lines are skipped)")
+        prompts += lines
+    if not prompts:
+        raise app.UsageError("give a prompt: --prompt (repeatable) or --prompts_file")
+    if flags.FLAGS.generate_batch < 1:
+        raise app.UsageError(f"--generate_batch must be >= 1, got {flags.FLAGS.generate_batch}")
     tokenizer_path = pathlib.Path(flags.FLAGS.data_dir) / "tokenizer.model"
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"no tokenizer at {tokenizer_path}: --data_dir must be prepared data (m3jax data prepare)")
@@ -352,11 +368,19 @@ def generate_cmd(cfg) -> None:
         if flags.FLAGS.mode == "memory" and not flags.FLAGS.bank:
             raise app.UsageError("--mode=memory needs --bank (a bank written by these weights: m3jax memory build)")
         source = MemorySource.open(cfg, flags.FLAGS.data_dir, flags.FLAGS.bank, model)
-    result = Generator(model, source, eos_id=EOS).generate(
-        [tokenizer.encode(p) for p in prompts], flags.FLAGS.max_new_tokens, mode=flags.FLAGS.mode,
-        temperature=flags.FLAGS.temperature, top_p=flags.FLAGS.top_p, seed=flags.FLAGS.seed)
-    for prompt, new in zip(prompts, result.tokens):
-        print(f"{prompt} \u2192 {tokenizer.decode(new)}")
+    size = flags.FLAGS.generate_batch
+    batches = [[tokenizer.encode(p) for p in prompts[i:i + size]] for i in range(0, len(prompts), size)]
+    results = Generator(model, source, eos_id=EOS).generate_many(
+        batches, flags.FLAGS.max_new_tokens, mode=flags.FLAGS.mode, temperature=flags.FLAGS.temperature,
+        top_p=flags.FLAGS.top_p, seed=flags.FLAGS.seed)
+    completions = [tokenizer.decode(new) for result in results for new in result.tokens]
+    for prompt, completion in zip(prompts, completions):
+        print(f"{prompt} \u2192 {completion}")
+    if flags.FLAGS.output:
+        from m3jax.eval.report import write_json
+
+        rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+        print(f"written: {write_json({'mode': flags.FLAGS.mode, 'generations': rows}, flags.FLAGS.output)}")
 
 
 flags.DEFINE_integer("steps1", 2000, "replicate: stage-1 (warmup) steps.")

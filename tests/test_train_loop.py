@@ -1,4 +1,5 @@
 """The training loop on prepared (synthetic) data: both stages, exact resume after SIGKILL, refusals."""
+import json
 import os
 import socket
 import subprocess
@@ -92,6 +93,18 @@ def test_demo_pipeline_through_the_cli(data, tmp_path):
         "--config.train.steps=4")
     report = run("demo", f"--workdir={tmp_path}")
     assert "stage 1 (warmup) weights" in report and "stage 2 (continual) weights" in report
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The Moon is\n\nA dictionary is\nWater\n")  # the blank line is skipped
+    generate = ["generate", f"--checkpoint={tmp_path / 'stage1'}", f"--bank={tmp_path / 'bank'}", "--max_new_tokens=5"]
+    shown = run(*generate, "--prompt=First", f"--prompts_file={prompts}", "--generate_batch=2",
+                f"--output={tmp_path / 'generated.json'}")
+    rows = json.loads((tmp_path / "generated.json").read_text())["generations"]
+    assert [r["prompt"] for r in rows] == ["First", "The Moon is", "A dictionary is", "Water"]
+    assert all(f"{r['prompt']} \u2192 {r['completion']}" in shown for r in rows)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    empty = subprocess.run([sys.executable, "-m", "m3jax.cli", "--config=tiny", f"--data_dir={data}", *generate,
+                            f"--prompts_file={tmp_path / 'empty.txt'}"], capture_output=True, text=True)
+    assert empty.returncode == 2 and "holds no prompt" in empty.stderr
     other = subprocess.run([sys.executable, "-m", "m3jax.cli", "demo", "--config=tiny", f"--data_dir={data}",
                             f"--workdir={tmp_path}", f"--bank={tmp_path / 'nothing'}"], capture_output=True, text=True)
     assert other.returncode == 2 and "no memory bank" in other.stderr
