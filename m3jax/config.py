@@ -21,7 +21,7 @@ REMAT_POLICIES = (
     "dots_with_no_batch_dims_saveable",
     "save_attention_projections",  # keep q/k/v/o projections, recompute the rest
 )
-ATTENTION_IMPLS = ("auto", "exact", "xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "exact", "xla", "cudnn", "splash", "xla_split", "cudnn_split")
 DTYPES = ("float32", "bfloat16", "float16")
 HEAD_COMBINE = ("sum", "max")
 

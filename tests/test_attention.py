@@ -18,7 +18,7 @@ def rel(a, b):
 
 def run_jax(impl, q, k, v, mem_k, mem_v, mem_valid, padding, chunk_len, window, d_out):
     b, c, m, hkv, d = mem_k.shape
-    mem_chunk = jnp.repeat(jnp.arange(c), m)
+    mem_chunk = np.repeat(np.arange(c), m)  # static: the split kernels need the layout
     mask = context_mask(jnp.asarray(padding), SINK, chunk_len,
                         (mem_chunk, jnp.asarray(mem_valid).reshape(b, c * m), window))
 
@@ -40,7 +40,7 @@ CASES = [  # (query heads, kv heads, chunks, chunk_len, partial last chunk, memo
 ]
 
 
-@pytest.mark.parametrize("impl", ["exact", "xla"])
+@pytest.mark.parametrize("impl", ["exact", "xla", "xla_split"])
 @pytest.mark.parametrize("case", CASES)
 def test_memory_attention_matches_naive_float64(impl, case):
     hq, hkv, chunks, chunk_len, short, per_chunk, window, padded = case
@@ -85,7 +85,7 @@ def test_memory_changes_only_its_own_chunks():
     np.testing.assert_array_equal(changed, expected)
 
 
-@pytest.mark.parametrize("impl", ["exact", "xla"])
+@pytest.mark.parametrize("impl", ["exact", "xla", "xla_split"])
 def test_causal_path_without_memory_matches_naive(impl):
     """No memory keys: kernels run their causal mode with key lengths (right padding), no dense mask."""
     rng = np.random.default_rng(11)

@@ -6,8 +6,10 @@ Kernels (all take one explicit boolean mask, so memory keys can sit anywhere amo
   interpret mode off TPU. Masks without a static layout (per-row token groups) take the exact path.
 - `xla` / `cudnn`: `jax.nn.dot_product_attention` with the same mask. `is_causal` is never used: with
   fewer queries than keys it aligns queries to the *start* of the keys, which is wrong once memory
-  keys are in front. Two attention calls are never merged through `return_residual`'s log-sum-exp:
-  it carries no gradient.
+  keys are in front.
+- `xla_split` / `cudnn_split`: with a static memory layout, the stream in the kernel's causal mode and
+  the memory keys exactly, per chunk, merged by log-sum-exp (m3jax/model/split_attention.py gives the
+  kernel's log-sum-exp the gradient it lacks); otherwise as `xla` / `cudnn`.
 """
 from __future__ import annotations
 
@@ -61,6 +63,11 @@ def attend(q, k, v, mask: AttentionMask, impl: str):
             return exact_attention(q, k, v, mask.dense)
         from m3jax.model.splash import splash_attention  # imports Pallas TPU: only when chosen
         return splash_attention(q, k, v, mask)
+    if impl in ("xla_split", "cudnn_split"):
+        impl = impl.removesuffix("_split")
+        if mask.layout is not None and mask.memory_valid is not None:
+            from m3jax.model.split_attention import split_memory_attention
+            return split_memory_attention(q, k, v, mask, impl)
     if impl not in ("xla", "cudnn"):
         raise ValueError(f"unknown attention implementation {impl!r}")
     if mask.dense is not None:
