@@ -2,7 +2,11 @@
 what the Memory3 mask costs, at one memory layer of Memory3-2.4B (40/8 heads of dim 80, 2048 context
 tokens, 32 chunks x 5 memories x 8 tokens = 1280 memory keys per KV head).
 
-    python benchmarks/attention_gpu.py [--batch 4] [--model small]
+    python benchmarks/attention_gpu.py [--batch 4] [--model small] [--skip_model]
+
+Two memory layouts: inference (5 references x 8 tokens per chunk, window 1) and stage-2 training (1
+reference x 8 tokens per chunk, window 5); `cudnn_split` is the causal kernel plus an exact per-chunk
+memory part merged by log-sum-exp (m3jax/model/split_attention.py).
 
 Prints a table; numbers go to benchmarks/RESULTS.md with the device and date.
 """
@@ -36,20 +40,20 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def layer_inputs(batch, seed=0, t=2048, sink=4, hq=40, hkv=8, d=80, chunks=32, slots=40):
+def layer_inputs(batch, seed=0, t=2048, sink=4, hq=40, hkv=8, d=80, chunks=32, slots=40, window=1):
     keys = jax.random.split(jax.random.key(seed), 4)
     q = jax.random.normal(keys[0], (batch, sink + t, hq, d), jnp.bfloat16)
     k = jax.random.normal(keys[1], (batch, sink + t + chunks * slots, hkv, d), jnp.bfloat16)
     v = jax.random.normal(keys[2], (batch, sink + t + chunks * slots, hkv, d), jnp.bfloat16)
     valid = jax.random.uniform(keys[3], (batch, chunks * slots)) < 0.9
     padding = jnp.ones((batch, t), bool)
-    mem_mask = context_mask(padding, sink, 64, (jnp.repeat(jnp.arange(chunks), slots), valid, 1))
+    mem_mask = context_mask(padding, sink, 64, (np.repeat(np.arange(chunks), slots), valid, window))
     plain_mask = context_mask(padding, sink, 64)
     return q, k, v, mem_mask, plain_mask, chunks * slots
 
 
-def attention_report(batch):
-    q, k, v, mem_mask, plain_mask, nm = layer_inputs(batch)
+def attention_report(batch, slots=40, window=1):
+    q, k, v, mem_mask, plain_mask, nm = layer_inputs(batch, slots=slots, window=window)
     d_out = jax.random.normal(jax.random.key(9), q.shape, jnp.bfloat16)
 
     def grads(impl, q, k, v, mask):
@@ -57,8 +61,10 @@ def attention_report(batch):
         return (out, *vjp(d_out.astype(out.dtype)))
 
     ref = jax.jit(grads, static_argnums=0)("exact", *(x.astype(jnp.float32) for x in (q, k, v)), mem_mask)
-    got = jax.jit(grads, static_argnums=0)("cudnn", q, k, v, mem_mask)
-    errors = {name: rel(g, r) for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}
+    errors = {}
+    for impl in ("cudnn", "cudnn_split"):
+        got = jax.jit(grads, static_argnums=0)(impl, q, k, v, mem_mask)
+        errors.update({f"{impl} {name}": rel(g, r) for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref)})
 
     def step(impl, mask, q, k, v):
         return jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v, mask, impl).astype(jnp.float32) * d_out))(q, k, v)
@@ -71,6 +77,7 @@ def attention_report(batch):
         "cudnn is_causal, no memory": timed(causal, q, ctx_k, ctx_v),
         "cudnn dense mask, no memory": timed(jax.jit(lambda *a: step("cudnn", plain_mask, *a)), q, ctx_k, ctx_v),
         "cudnn dense mask, with memory": timed(jax.jit(lambda *a: step("cudnn", mem_mask, *a)), q, k, v),
+        "cudnn_split, with memory": timed(jax.jit(lambda *a: step("cudnn_split", mem_mask, *a)), q, k, v),
         "xla, with memory": timed(jax.jit(lambda *a: step("xla", mem_mask, *a)), q, k, v),
         "exact (einsum), with memory": timed(jax.jit(lambda *a: step("exact", mem_mask, *a)), q, k, v),
     }
@@ -117,14 +124,20 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--model", default="small")
     parser.add_argument("--model-batch", type=int, default=8)
+    parser.add_argument("--skip_model", action="store_true")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, devices {jax.devices()}")
-    errors, rows = attention_report(args.batch)
-    print(f"\ncuDNN (bf16) vs exact (f32) with the memory mask, batch {args.batch}: "
-          + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
-    print(f"\none memory layer of m3_2p4b, forward+backward, batch {args.batch}, 2048 tokens, 1280 memory keys:")
-    for name, ms in rows.items():
-        print(f"  {name:34s} {ms:8.2f} ms")
+    for label, slots, window in (("inference: 5 references per chunk, window 1", 40, 1),
+                                 ("stage 2: 1 reference per chunk, window 5", 8, 5)):
+        errors, rows = attention_report(args.batch, slots, window)
+        print(f"\n{label}; bf16 vs exact (f32), batch {args.batch}: "
+              + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+        print(f"one memory layer of m3_2p4b, forward+backward, batch {args.batch}, 2048 tokens, {32 * slots} "
+              "memory keys:")
+        for name, ms in rows.items():
+            print(f"  {name:34s} {ms:8.2f} ms", flush=True)
+    if args.skip_model:
+        return
     model = model_report(args.model, args.model_batch)
     print(f"\nmodel {args.model}, bf16, batch {args.model_batch}: " + json.dumps(model))
 

@@ -56,18 +56,23 @@ def main():
     parser.add_argument("--remat", default="nothing_saveable")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--peak_tflops", type=float, default=790.0)
+    parser.add_argument("--attention", default="auto", help="model.attention (e.g. cudnn_split)")
+    parser.add_argument("--stages", default="stage1,stage2,stage2_no_grads", help="which steps to time")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, devices {jax.devices()}")
-    base = {"model.remat": args.remat}
+    base = {"model.remat": args.remat, "model.attention": args.attention}
+    steps = {"stage1": ("stage 1", {}), "stage2": ("stage 2, grads through references", {"train.stage": 2}),
+             "stage2_no_grads": ("stage 2, no grads through references",
+                                 {"train.stage": 2, "memory.grad_through_references": False})}
     rows = []
-    for label, extra in (("stage 1", {}), ("stage 2, grads through references", {"train.stage": 2}),
-                         ("stage 2, no grads through references",
-                          {"train.stage": 2, "memory.grad_through_references": False})):
+    for name in args.stages.split(","):
+        label, extra = steps[name]
         cfg, seconds, loss = time_stage(args.config, {**base, **extra}, args.batch, args.reps)
         tokens = args.batch * cfg.data.seq_len
         mfu = tokens * model_flops_per_token(cfg) / seconds / (args.peak_tflops * 1e12)
         rows.append((label, seconds, tokens / seconds, mfu, loss))
-    print(f"\n{args.config}, batch {args.batch} x {cfg.data.seq_len}, remat {args.remat}\n")
+        print(f"{label}: {seconds * 1e3:.0f} ms, loss {loss:.4f}", flush=True)
+    print(f"\n{args.config}, batch {args.batch} x {cfg.data.seq_len}, remat {args.remat}, attention {args.attention}\n")
     print("| step | ms | tokens/s | MFU | vs stage 1 |\n|---|---|---|---|---|")
     for label, seconds, rate, mfu, loss in rows:
         print(f"| {label} | {seconds * 1e3:.0f} | {rate:,.0f} | {mfu:.1%} | {seconds / rows[0][1]:.2f}x |")

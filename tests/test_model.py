@@ -170,8 +170,10 @@ def test_attention_implementations_agree(with_memory):
     kv, valid = random_memory(tiny(), rng, 2, 2, 2, 4)
     memory = MemoryInputs(jnp.asarray(kv), jnp.asarray(valid)) if with_memory else None
     exact = Memory3(tiny(), rngs=nnx.Rngs(11))
-    xla = Memory3(tiny(**{"model.attention": "xla"}), rngs=nnx.Rngs(11))
-    assert rel(xla(tokens, memory=memory, padding_mask=padding), exact(tokens, memory=memory, padding_mask=padding)) < 1e-5
+    want = exact(tokens, memory=memory, padding_mask=padding)
+    for impl in ("xla", "xla_split"):
+        model = Memory3(tiny(**{"model.attention": impl}), rngs=nnx.Rngs(11))
+        assert rel(model(tokens, memory=memory, padding_mask=padding), want) < 1e-5, impl
 
 
 def _loss_and_grads(cfg, tokens, memory):
