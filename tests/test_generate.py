@@ -4,6 +4,7 @@ import threading
 import zlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -147,6 +148,25 @@ def test_batches_in_flight_equal_one_batch_at_a_time(setup):
     assert [g.tokens for g in together] == [g.tokens for g in alone]
     with pytest.raises(ValueError, match="in_flight"):
         generator.generate_many(batches, 4, in_flight=0)
+
+
+def test_decode_weights_cast_once_to_the_compute_dtype(monkeypatch):
+    """f32 master weights, bf16 compute: the generator holds its linear kernels in bf16 (norms and
+    embeddings untouched) and generates exactly what it generates when each use casts them."""
+    import m3jax.generate.generator as generator_module
+
+    cfg = config_lib.load("tiny", {"model.dtype": "bfloat16", "model.param_dtype": "float32"})
+    model = Memory3(cfg, rngs=nnx.Rngs(3))
+    prompts = [list(np.random.default_rng(5).integers(5, cfg.model.vocab_size, n)) for n in (9, 14)]
+    cast = Generator(model, eos_id=-1)
+    leaves = jax.tree_util.tree_flatten_with_path([cast.state, cast.layer_states])[0]
+    for path, x in leaves:
+        kernel = "kernel" in jax.tree_util.keystr(path)
+        assert x.dtype == (jnp.bfloat16 if kernel else jnp.float32), jax.tree_util.keystr(path)
+    monkeypatch.setattr(generator_module, "kernels_as", lambda state, dtype: state)
+    per_use = Generator(model, eos_id=-1)
+    assert per_use.state["lm_head"]["kernel"][...].dtype == jnp.float32
+    assert cast.generate(prompts, 12, mode="none").tokens == per_use.generate(prompts, 12, mode="none").tokens
 
 
 def test_no_memory_mode_equals_plain_recomputation(setup):
