@@ -100,10 +100,11 @@ class Generator:
         dtype = jnp.dtype(self.cfg.model.dtype)
         self.graphdef, state = nnx.split(model)
         self.state = kernels_as(state, dtype)
-        # Unstacked copies of the layers' weights for decoding (costs their memory a second time).
+        # Unstacked copies of the layers' (cast) weights for decoding (costs their memory a second time).
         self.layer_states = None
         if unroll_layers:
-            self.layer_states = [kernels_as(seg.layer_states(), dtype) for seg in model.layers]
+            self.layer_states = [seg.layer_states(self.state["layers"][i]["blocks"])
+                                 for i, seg in enumerate(model.layers)]
         self.chunk = self.cfg.memory.chunk_len
 
     def generate(self, prompts, max_new_tokens: int, *, mode: str = "memory", temperature: float = 0.0,

@@ -28,7 +28,6 @@ class CachedBankReader:
         self.hits = self.misses = 0
         self._lock = threading.Lock()  # generation reads for several batches from threads
 
-
     def gather(self, ids):
         """ids: integer array of any shape (NO_REFERENCE allowed) -> memories (*ids.shape, *memory_shape) in
         `dtype` and slot validity (*ids.shape, tokens_per_head)."""

@@ -91,10 +91,11 @@ class LayerStack(nnx.Module):
         stacked = None if outs[0] is None else jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
         return h, stacked
 
-    def layer_states(self):
+    def layer_states(self, state=None):
         """Each layer's parameters as separate arrays (for decoding: slicing the stacked parameters
-        inside the step makes XLA copy a layer's weights at every generated token)."""
-        state = nnx.state(self.blocks)
+        inside the step makes XLA copy a layer's weights at every generated token). state: the stacked
+        parameters to split, shaped like this stack's (default: its own)."""
+        state = nnx.state(self.blocks) if state is None else state
         return [jax.tree.map(lambda x, i=i: x[i], state) for i in range(self.num_layers)]
 
     def decode(self, h, cos, sin, cache_kv, write_at, memory_valid=None, layer_states=None):
