@@ -11,14 +11,13 @@ and the kernels taking the most time per step.
 from __future__ import annotations
 
 import argparse
-import collections
-import gzip
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import time
+
+import gpu_trace  # benchmarks/, beside this script
 
 CMD_ALL = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 VARIANTS = {
@@ -30,30 +29,10 @@ VARIANTS = {
 
 
 def gpu_busy(trace_dir: str, steps: int) -> dict:
-    """From a profiler trace: kernel time, the union of kernel intervals, and the top kernels per step."""
-    trace = next(pathlib.Path(trace_dir).rglob("*.trace.json.gz"))
-    events = json.loads(gzip.open(trace).read())
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu_pids = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
-    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
+    kernels, processes = gpu_trace.kernel_events(trace_dir)
     if not kernels:
-        return {"error": "no GPU events in the trace", "processes": sorted(set(names.values()))[:20]}
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
-    busy, end = 0.0, -1e30
-    for start, stop in spans:
-        if stop > end:
-            busy += stop - max(start, end)
-            end = stop
-    wall = spans[-1][1] - spans[0][0]
-    total, count = collections.Counter(), collections.Counter()
-    for e in kernels:
-        total[e["name"]] += e["dur"]
-        count[e["name"]] += 1
-    return {"gpu_processes": sorted(names[p] for p in gpu_pids), "kernel_launches_per_step": len(kernels) / steps,
-            "busy_share_of_span": busy / wall, "span_ms": wall / 1e3, "busy_ms": busy / 1e3,
-            "top_kernels_us_per_step": [(name[:120], round(us / steps, 1), count[name] // steps)
-                                        for name, us in total.most_common(25)]}
+        return {"error": "no GPU events in the trace"}
+    return {"gpu_processes": processes, **gpu_trace.busy(kernels, steps)}
 
 
 def child(config: str, profile_dir: str | None) -> dict:

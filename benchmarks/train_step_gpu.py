@@ -6,14 +6,23 @@ Stage 1 (plain LM), stage 2 with gradients through the reference encoding, and s
 equal batch and sequence length; random weights and tokens. MFU counts, per token, 6 x (non-embedding
 parameters + LM head) plus causal attention 6 x layers x T x heads x head_dim (MaxText's convention),
 over the bf16 peak; the reference encoding of stage 2 is extra work that MFU does not credit.
+
+--attention takes a comma-separated list (e.g. auto,cudnn_split): each stage with memory is timed under
+each; stage 1 reads no memory, so it runs once. With --profile_dir, each timed step is traced over two
+more steps and its kernel time split by named scope (writing/reading, forward/backward, attention,
+sparsification, MLP; benchmarks/gpu_trace.py), written to DIR/profile.json.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 
 import jax
 import numpy as np
+
+import gpu_trace  # benchmarks/, beside this script
 
 from m3jax import config as config_lib
 from m3jax.sizes import parameter_counts
@@ -27,7 +36,7 @@ def model_flops_per_token(cfg) -> float:
     return 6 * dense + attention
 
 
-def time_stage(name, overrides, batch, reps):
+def time_stage(name, overrides, batch, reps, profile_dir=None):
     cfg = config_lib.load(name, {"train.batch_size": batch, "train.warmup_steps": 1, **overrides})
     graphdef, tx, step_fn, state_sh, batch_sh, _ = _setup(cfg)
     state = _init_state(cfg, tx, state_sh)
@@ -38,7 +47,8 @@ def time_stage(name, overrides, batch, reps):
         data["ref_tokens"] = rng.integers(5, cfg.model.vocab_size, (batch, chunks, length)).astype(np.int32)
         data["ref_lengths"] = np.full((batch, chunks), length, np.int32)
     data = jax.device_put(data, batch_sh)
-    for _ in range(2):  # compile, warm up
+    step_fn = step_fn.lower(state, data).compile()  # compiled once; its HLO text names the profile's kernels
+    for _ in range(2):  # warm up
         state, metrics = step_fn(state, data)
     jax.block_until_ready(state)
     start = time.perf_counter()
@@ -46,7 +56,18 @@ def time_stage(name, overrides, batch, reps):
         state, metrics = step_fn(state, data)
     jax.block_until_ready(state)
     seconds = (time.perf_counter() - start) / reps
-    return cfg, seconds, float(metrics["loss"])
+    loss = float(metrics["loss"])
+    profile = None
+    if profile_dir:
+        with jax.profiler.trace(profile_dir):
+            for _ in range(2):
+                state, metrics = step_fn(state, data)
+            jax.block_until_ready(state)
+        hlo = step_fn.as_text()
+        kernels, _ = gpu_trace.kernel_events(profile_dir)
+        profile = ({**gpu_trace.by_scope(kernels, hlo, 2), **gpu_trace.busy(kernels, 2)} if kernels else
+                   {"ms_per_step": {}, "error": "no GPU kernels in the trace"})
+    return cfg, seconds, loss, profile
 
 
 def main():
@@ -56,27 +77,39 @@ def main():
     parser.add_argument("--remat", default="nothing_saveable")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--peak_tflops", type=float, default=790.0)
-    parser.add_argument("--attention", default="auto", help="model.attention (e.g. cudnn_split)")
+    parser.add_argument("--attention", default="auto", help="model.attention values, comma-separated")
     parser.add_argument("--stages", default="stage1,stage2,stage2_no_grads", help="which steps to time")
+    parser.add_argument("--profile_dir", default=None, help="trace each step here, and summarize the traces")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, devices {jax.devices()}")
-    base = {"model.remat": args.remat, "model.attention": args.attention}
+    base = {"model.remat": args.remat}
     steps = {"stage1": ("stage 1", {}), "stage2": ("stage 2, grads through references", {"train.stage": 2}),
              "stage2_no_grads": ("stage 2, no grads through references",
                                  {"train.stage": 2, "memory.grad_through_references": False})}
-    rows = []
-    for name in args.stages.split(","):
-        label, extra = steps[name]
-        cfg, seconds, loss = time_stage(args.config, {**base, **extra}, args.batch, args.reps)
-        tokens = args.batch * cfg.data.seq_len
-        mfu = tokens * model_flops_per_token(cfg) / seconds / (args.peak_tflops * 1e12)
-        rows.append((label, seconds, tokens / seconds, mfu, loss))
-        print(f"{label}: {seconds * 1e3:.0f} ms, loss {loss:.4f}", flush=True)
-    print(f"\n{args.config}, batch {args.batch} x {cfg.data.seq_len}, remat {args.remat}, attention {args.attention}\n")
+    rows, profiles = [], {}
+    for attention in args.attention.split(","):
+        for name in args.stages.split(","):
+            if name == "stage1" and attention != args.attention.split(",")[0]:
+                continue  # no memory: the attention choice for memory does not apply
+            label, extra = steps[name]
+            label = f"{label} ({attention})"
+            trace = os.path.join(args.profile_dir, f"{name}_{attention}") if args.profile_dir else None
+            overrides = {**base, "model.attention": attention, **extra}
+            cfg, seconds, loss, profile = time_stage(args.config, overrides, args.batch, args.reps, trace)
+            tokens = args.batch * cfg.data.seq_len
+            mfu = tokens * model_flops_per_token(cfg) / seconds / (args.peak_tflops * 1e12)
+            rows.append((label, seconds, tokens / seconds, mfu, loss))
+            print(f"{label}: {seconds * 1e3:.0f} ms, loss {loss:.4f}", flush=True)
+            if profile:
+                profiles[label] = profile
+                print(json.dumps(profile["ms_per_step"], indent=1), flush=True)
+    print(f"\n{args.config}, batch {args.batch} x {cfg.data.seq_len}, remat {args.remat}\n")
     print("| step | ms | tokens/s | MFU | vs stage 1 |\n|---|---|---|---|---|")
     for label, seconds, rate, mfu, loss in rows:
         print(f"| {label} | {seconds * 1e3:.0f} | {rate:,.0f} | {mfu:.1%} | {seconds / rows[0][1]:.2f}x |")
-
+    if profiles:
+        with open(os.path.join(args.profile_dir, "profile.json"), "w") as f:
+            json.dump(profiles, f, indent=1)
 
 if __name__ == "__main__":
     main()

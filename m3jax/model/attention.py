@@ -110,7 +110,8 @@ class Attention(nnx.Module):
             values = jnp.concatenate([mem_v.astype(v.dtype), v], axis=1)
         if mask.dense is not None and keys.shape[1] != mask.dense.shape[-1]:
             raise ValueError(f"attention mask covers {mask.dense.shape[-1]} keys, but there are {keys.shape[1]}")
-        out = attend(q_rot, keys, values, mask, self.impl)
+        with jax.named_scope("attention_kernel"):
+            out = attend(q_rot, keys, values, mask, self.impl)
         out = checkpoint_name(self.o_proj(out), "attn_proj")
         return out, ((q, k, k_rot, v) if collect else None)
 

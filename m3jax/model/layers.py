@@ -57,9 +57,10 @@ class MLP(nnx.Module):
         self.down_proj = Linear((hidden,), (dim,), ("mlp",), ("embed",), **kw)
 
     def __call__(self, x):
-        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        h = constrain(h, ("batch", "length", "mlp"))
-        return self.down_proj(h)
+        with jax.named_scope("mlp"):
+            h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+            h = constrain(h, ("batch", "length", "mlp"))
+            return self.down_proj(h)
 
 
 def rope_angles(positions, head_dim: int, theta: float):

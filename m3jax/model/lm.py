@@ -227,6 +227,10 @@ class Memory3(nnx.Module):
         Returns (memories (N, memory_layers, 2, kv_heads, k, head_dim) in the compute dtype, with keys
         after RoPE; slot validity (N, k)). Layers after the last memory layer are not run.
         """
+        with jax.named_scope("encode_references"):  # profiles attribute the writing's kernels by this name
+            return self._encode_references(ref_tokens, ref_lengths)
+
+    def _encode_references(self, ref_tokens, ref_lengths):
         mem = self.cfg.memory
         ref_tokens = self._check_tokens(ref_tokens, "ref_tokens")
         n, length = ref_tokens.shape

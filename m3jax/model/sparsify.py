@@ -31,6 +31,11 @@ def token_scores(q_pre, k_pre, token_valid, combine: str = "sum"):
 
 def select_tokens(q_pre, k_pre, k_rot, v, token_valid, top_k: int, combine: str = "sum"):
     """Return (keys, values), each (N, Hkv, top_k, D): the kept tokens per KV head, best first."""
+    with jax.named_scope("sparsify"):
+        return _select(q_pre, k_pre, k_rot, v, token_valid, top_k, combine)
+
+
+def _select(q_pre, k_pre, k_rot, v, token_valid, top_k, combine):
     scores = token_scores(q_pre, k_pre, token_valid, combine)
     _, idx = jax.lax.top_k(scores, top_k)  # (N, Hkv, top_k)
 

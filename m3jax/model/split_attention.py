@@ -115,8 +115,10 @@ def split_memory_attention(q, k, v, mask: AttentionMask, impl: str):
     if k.shape[1] != nm + stream:
         raise ValueError(f"split memory attention needs {nm} memory keys then {stream} stream keys, "
                          f"got {k.shape[1]} keys")
-    out_s, lse_s = stream_attention(q, k[:, nm:], v[:, nm:], mask.kv_lengths, impl)
-    out_m, lse_m = _memory_part(q, k[:, :nm], v[:, :nm], mask.memory_valid, layout)
+    with jax.named_scope("stream_attention"):
+        out_s, lse_s = stream_attention(q, k[:, nm:], v[:, nm:], mask.kv_lengths, impl)
+    with jax.named_scope("memory_attention"):
+        out_m, lse_m = _memory_part(q, k[:, :nm], v[:, :nm], mask.memory_valid, layout)
     lse = jnp.logaddexp(lse_s, lse_m)
     w_s, w_m = jnp.exp(lse_s - lse)[..., None], jnp.exp(lse_m - lse)[..., None]
     return (w_s * out_s.astype(jnp.float32) + w_m * out_m).astype(q.dtype)

@@ -68,6 +68,10 @@ class LayerStack(nnx.Module):
         graphdef, state = nnx.split(self.blocks)
 
         def layer(h, xs):
+            with jax.named_scope("encode_references" if select is not None else "layer"):  # names in profiles
+                return layer_body(h, xs)
+
+        def layer_body(h, xs):
             layer_state, kv = xs
             block = nnx.merge(graphdef, layer_state)
             h, aux = block(h, cos, sin, mask, kv, collect=select is not None or collect_kv)
