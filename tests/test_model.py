@@ -105,9 +105,10 @@ def test_memory_masked_out_equals_no_memory():
     np.testing.assert_allclose(off, model(tokens), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("layer_start", [0, 1])
-def test_write_matches_naive_selection(layer_start):
-    cfg = tiny(**{"memory.layer_start": layer_start})
+@pytest.mark.parametrize("layer_start,attention", [(0, "exact"), (1, "exact"), (1, "xla")])
+def test_write_matches_naive_selection(layer_start, attention):
+    """With `xla` attention, tokens are scored through the fused-attention path (sparsify.kernel_token_scores)."""
+    cfg = tiny(**{"memory.layer_start": layer_start, "model.attention": attention})
     model = Memory3(cfg, rngs=nnx.Rngs(6))
     rng = np.random.default_rng(7)
     lengths = np.array([32, 17, 3])  # the last is shorter than tokens_per_head = 4

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import naive
-from m3jax.model.sparsify import select_tokens, slot_valid, token_scores
+from m3jax.model.sparsify import Selection, kernel_token_scores, select_tokens, slot_valid, token_scores
 
 
 def inputs(seed, n=3, t=12, hq=4, hkv=2, d=8, start=2):
@@ -17,18 +17,30 @@ def inputs(seed, n=3, t=12, hq=4, hkv=2, d=8, start=2):
     return q, k_pre, k_rot, v, valid
 
 
+def selection(valid, top_k, combine, kernel):
+    """Selection over `valid`, scored in XLA (kernel None) or through the fused-attention path."""
+    start = int(np.argmax(valid[0]))
+    return Selection(jnp.asarray(valid), top_k, combine, start, jnp.asarray(valid.sum(-1)), kernel)
+
+
+@pytest.mark.parametrize("kernel", [None, "xla"])
 @pytest.mark.parametrize("combine", ["sum", "max"])
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4), (6, 1)])
-def test_scores_and_selection_match_naive(combine, heads):
+def test_scores_and_selection_match_naive(combine, heads, kernel):
     q, k_pre, k_rot, v, valid = inputs(sum(heads) + len(combine), hq=heads[0], hkv=heads[1])
-    got = np.asarray(token_scores(jnp.asarray(q), jnp.asarray(k_pre), jnp.asarray(valid), combine))
+    if kernel is None:
+        got = np.asarray(token_scores(jnp.asarray(q), jnp.asarray(k_pre), jnp.asarray(valid), combine))
+    else:  # the values' gradient of attention over [start, start + length), one per valid query
+        start, lengths = int(np.argmax(valid[0])), jnp.asarray(valid.sum(-1))
+        got = np.asarray(kernel_token_scores(jnp.asarray(q), jnp.asarray(k_pre), start, lengths, combine, kernel))
     ref = naive.token_scores(q, k_pre, valid, combine)
     finite = np.isfinite(ref)
     np.testing.assert_array_equal(np.isfinite(got), finite)
     np.testing.assert_allclose(got[finite], ref[finite], rtol=1e-5)
 
     top_k = 3
-    keys, values = select_tokens(*(jnp.asarray(x) for x in (q, k_pre, k_rot, v, valid)), top_k, combine)
+    keys, values = select_tokens(*(jnp.asarray(x) for x in (q, k_pre, k_rot, v)),
+                                 selection(valid, top_k, combine, kernel))
     idx = naive.top_tokens(ref, top_k)  # (N, Hkv, k)
     for n in range(q.shape[0]):
         for g in range(k_pre.shape[2]):

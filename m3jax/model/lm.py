@@ -24,7 +24,7 @@ from flax import nnx
 from m3jax.config import memory_layer_range, padded_vocab_size, sink_len, validate
 from m3jax.model.layers import Linear, RMSNorm, param, rope_angles
 from m3jax.model.masks import AttentionMask, context_mask
-from m3jax.model.sparsify import slot_valid
+from m3jax.model.sparsify import Selection, slot_valid
 from m3jax.model.transformer import LayerStack
 from m3jax.sharding import constrain
 
@@ -252,7 +252,9 @@ class Memory3(nnx.Module):
         mask = AttentionMask(p + ref_lengths.astype(jnp.int32))
         cos, sin = rope_angles(jnp.arange(p + length), self.cfg.model.head_dim, self.cfg.model.rope_theta)
         h = self._embed(jnp.concatenate([jnp.broadcast_to(prefix, (n, p)), ref_tokens], axis=1))
-        select = (token_valid, mem.tokens_per_head, mem.head_combine)
+        impl = next(seg for seg in self.layers if seg.is_memory).blocks.self_attn.impl
+        kernel = impl.removesuffix("_split") if impl in ("cudnn", "cudnn_split", "xla", "xla_split") else None
+        select = Selection(token_valid, mem.tokens_per_head, mem.head_combine, p, ref_lengths, kernel)
         for seg in self.layers:
             if seg.is_memory:
                 _, (keys, values) = seg(h, cos, sin, mask, select=select)  # (layers, N, Hkv, k, D)

@@ -5,11 +5,30 @@ causal mask, and start tokens and padding excluded as both queries and keys. The
 KV group combine their scores by `combine` ("sum" by default: the attention the group gives token j).
 Per KV head the `top_k` highest-scoring tokens are kept, best first; their keys after RoPE and their
 values are stored.
+
+Scores are column sums of attention probabilities. `token_scores` forms the (T x T) probabilities in
+XLA; `kernel_token_scores` gets the same sums from a fused attention kernel's backward: with output
+gradient 1 on every valid query, the values' gradient is sum_i p_ij (the kernel never stores the
+probabilities: on an H200 the XLA form took ~1.5 ms per layer of a stage-2 step, benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+
+
+class Selection(NamedTuple):
+    """What memory writing keeps of a layer: token_valid (N, T) bool; `top_k` per KV head; `combine` of a
+    group's heads. With `lengths`, the valid tokens are exactly [start, start + lengths) per row, and
+    `kernel` ("cudnn" or "xla") names the fused attention that scores them (see kernel_token_scores)."""
+    token_valid: jax.Array
+    top_k: int
+    combine: str = "sum"
+    start: int = 0
+    lengths: jax.Array | None = None
+    kernel: str | None = None
 
 
 def token_scores(q_pre, k_pre, token_valid, combine: str = "sum"):
@@ -29,14 +48,43 @@ def token_scores(q_pre, k_pre, token_valid, combine: str = "sum"):
     return jnp.where(token_valid[:, None, :], scores, -jnp.inf)
 
 
-def select_tokens(q_pre, k_pre, k_rot, v, token_valid, top_k: int, combine: str = "sum"):
+def kernel_token_scores(q_pre, k_pre, start: int, lengths, combine: str = "sum", implementation: str = "xla"):
+    """`token_scores` for valid tokens [start, start + lengths) per row, through a fused attention kernel:
+    (N, Hkv, T) f32, -inf outside. Scores carry no gradient (they only pick tokens)."""
+    n, t, hq, d = q_pre.shape
+    hkv = k_pre.shape[2]
+    q, k = (jax.lax.stop_gradient(x[:, start:]) for x in (q_pre, k_pre))
+    span = t - start
+    pad = (-span) % 8  # cuDNN's differentiated attention wants lengths in multiples of 8
+    q, k = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k))
+    if combine != "sum":  # per query head: the kernel's value gradient would sum a group's heads
+        k = jnp.repeat(k, hq // hkv, axis=2)
+    lengths = lengths.astype(jnp.int32)
+    real = jnp.arange(span + pad)[None, :] < lengths[:, None]  # (N, T')
+    _, attention_vjp = jax.vjp(
+        lambda values: jax.nn.dot_product_attention(q, k, values, key_value_seq_lengths=lengths,
+                                                    implementation=implementation), jnp.zeros_like(k))
+    ones_on_valid = jnp.broadcast_to(real[:, :, None, None], q.shape).astype(q.dtype)
+    (received,) = attention_vjp(ones_on_valid)  # (N, T', heads, D): every column is sum_i p_ij
+    scores = received[..., 0].astype(jnp.float32)
+    if combine != "sum":
+        scores = scores.reshape(n, span + pad, hkv, hq // hkv).max(axis=-1)
+    scores = jnp.where(real[:, :, None], scores, -jnp.inf)[:, :span]
+    return jnp.concatenate([jnp.full((n, hkv, start), -jnp.inf), jnp.swapaxes(scores, 1, 2)], axis=2)
+
+
+def select_tokens(q_pre, k_pre, k_rot, v, selection: Selection):
     """Return (keys, values), each (N, Hkv, top_k, D): the kept tokens per KV head, best first."""
     with jax.named_scope("sparsify"):
-        return _select(q_pre, k_pre, k_rot, v, token_valid, top_k, combine)
+        return _select(q_pre, k_pre, k_rot, v, selection)
 
 
-def _select(q_pre, k_pre, k_rot, v, token_valid, top_k, combine):
-    scores = token_scores(q_pre, k_pre, token_valid, combine)
+def _select(q_pre, k_pre, k_rot, v, sel: Selection):
+    if sel.kernel is not None and sel.lengths is not None:
+        scores = kernel_token_scores(q_pre, k_pre, sel.start, sel.lengths, sel.combine, sel.kernel)
+    else:
+        scores = token_scores(q_pre, k_pre, sel.token_valid, sel.combine)
+    top_k = sel.top_k
     _, idx = jax.lax.top_k(scores, top_k)  # (N, Hkv, top_k)
 
     def gather(x):  # (N, T, Hkv, D) -> (N, Hkv, top_k, D)

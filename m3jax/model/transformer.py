@@ -61,7 +61,7 @@ class LayerStack(nnx.Module):
     def __call__(self, h, cos, sin, mask, memory_kv=None, select=None, collect_kv=False):
         """Run the layers. memory_kv: (k, v) each (layers, B, Nm, Hkv, D), per layer of this stack.
 
-        select: None, or (token_valid, top_k, combine) to also return each layer's kept memory tokens
+        select: None, or a sparsify.Selection, to also return each layer's kept memory tokens
         as (keys, values), each (layers, N, Hkv, top_k, D). collect_kv: also return every layer's stream
         keys (after RoPE) and values, each (layers, B, T, Hkv, D): the KV cache of a prefill.
         """
@@ -79,9 +79,8 @@ class LayerStack(nnx.Module):
                 return h, (aux[2], aux[3])
             if select is None:
                 return h, None
-            token_valid, top_k, combine = select
             q_pre, k_pre, k_rot, v = aux
-            return h, select_tokens(q_pre, k_pre, k_rot, v, token_valid, top_k, combine)
+            return h, select_tokens(q_pre, k_pre, k_rot, v, select)
 
         if self.remat != "none":
             layer = jax.checkpoint(layer, policy=remat_policy(self.remat), prevent_cse=not self.scan)
