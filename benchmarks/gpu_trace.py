@@ -46,9 +46,14 @@ def busy(kernels: list[dict], steps: int) -> dict:
                                         for name, us in total.most_common(25)]}
 
 
+def _key(name: str) -> str:
+    # Kernels are named after their HLO instruction with '.' and '-' turned into '_' (fusion.12 -> fusion_12).
+    return re.sub(r"[.\-]", "_", name)
+
+
 def op_names(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name -> its op_name metadata, from compiled HLO text."""
-    return {name: op for name, op in _METADATA.findall(hlo_text)}
+    """Normalised HLO instruction name -> its op_name metadata, from compiled HLO text."""
+    return {_key(name): op for name, op in _METADATA.findall(hlo_text)}
 
 
 def _op_of(event: dict, ops: dict[str, str]) -> str:
@@ -57,7 +62,7 @@ def _op_of(event: dict, ops: dict[str, str]) -> str:
         if "/" in str(args.get(key, "")):
             return str(args[key])
     hlo = str(args.get("hlo_op", ""))
-    return ops.get(hlo, ops.get(event["name"].replace("_", "."), ""))
+    return ops.get(_key(hlo), ops.get(_key(event["name"]), ""))
 
 
 def by_scope(kernels: list[dict], hlo_text: str, steps: int) -> dict:

@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.remat = "nothing_saveable"
     m.scan_layers = True
-    m.attention = "auto"  # auto: splash on TPU, cudnn on GPU (half precision), exact elsewhere
+    m.attention = "auto"  # auto: splash on TPU, cudnn_split on GPU (half precision), exact elsewhere
     m.bos_id = 1
     m.pad_id = 0
 

@@ -123,7 +123,7 @@ def test_splash_falls_back_to_exact_without_a_static_layout():
 
 @pytest.mark.parametrize("platform,dtype,want", [
     ("tpu", "bfloat16", "splash"), ("tpu", "float32", "splash"),
-    ("gpu", "bfloat16", "cudnn"), ("gpu", "float16", "cudnn"), ("gpu", "float32", "exact"),
+    ("gpu", "bfloat16", "cudnn_split"), ("gpu", "float16", "cudnn_split"), ("gpu", "float32", "exact"),
     ("cpu", "bfloat16", "exact"), ("cpu", "float32", "exact"),
 ])
 def test_auto_backend_per_platform(platform, dtype, want, monkeypatch):

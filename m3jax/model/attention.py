@@ -26,7 +26,9 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 
 
 def resolve_impl(impl: str, dtype, platform: str | None = None) -> str:
-    """`auto` picks splash on TPU, cuDNN on GPU for half-precision compute, the exact path otherwise.
+    """`auto` picks splash on TPU, cuDNN split in two on GPU for half-precision compute (faster than one
+    dense-mask call: benchmarks/RESULTS.md; masks without a static layout still take the dense call),
+    the exact path otherwise.
 
     platform: the devices the model will run on (default: JAX's default backend); ahead-of-time
     compilation for TPUs from a CPU host passes "tpu".
@@ -37,7 +39,7 @@ def resolve_impl(impl: str, dtype, platform: str | None = None) -> str:
     if platform == "tpu":
         return "splash"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if half and platform == "gpu" else "exact"
+    return "cudnn_split" if half and platform == "gpu" else "exact"
 
 
 def exact_attention(q, k, v, mask):

@@ -3,11 +3,14 @@ exact part over the few memory keys.
 
 A fused kernel (cuDNN) given one dense mask over `[memory | stream]` keys runs far slower than in its
 causal mode (~3.9x on an H200, benchmarks/RESULTS.md). Memory keys are few (Nm << T), so here they are
-scored exactly in f32, the stream goes through the kernel's causal mode, and the two softmaxes merge
-through their log-sum-exps. The kernel returns the stream's log-sum-exp but gives it no gradient
-(`jax.nn.dot_product_attention(return_residual=True)` stops it); `stream_attention` adds it:
-d lse_i/d q_i = scale * sum_j p_ij k_j (attention with the keys as values) and d lse_i/d k_j =
-scale * p_ij q_i (that attention's value gradient), one more forward and backward of the kernel.
+scored exactly per chunk, the stream goes through the kernel's causal mode, and the two softmaxes merge
+through their log-sum-exps.
+
+The backward is that of the one merged softmax (as ring attention does it): with the merged output O
+and log-sum-exp L, every key j gets dS_ij = P_ij (dO_i . v_j - D_i), P_ij = exp(s_ij - L_i),
+D_i = dO_i . O_i, whichever part j is in. The fused kernel's own backward computes exactly this for the
+stream when handed O and L in place of its own (cuDNN's backward takes them as inputs), so no
+gradient of the stream's log-sum-exp is needed; the memory part's is a few small einsums.
 """
 from __future__ import annotations
 
@@ -20,47 +23,80 @@ import numpy as np
 from m3jax.model.masks import AttentionMask
 
 
+def _cudnn():
+    # The one private JAX module used here: jax.nn returns the log-sum-exp in the compute dtype (bf16:
+    # ~0.06 absolute at 10) and offers no backward from a given output and log-sum-exp.
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    return cudnn
+
+
+def _cudnn_args(q, kv_lengths):
+    cudnn = _cudnn()
+    b, t = q.shape[:2]
+    unused = jnp.zeros(0, q.dtype)
+    tensors = (jnp.full((b,), t, jnp.int32), kv_lengths.astype(jnp.int32), unused, unused, unused, unused)
+    static = dict(scale=q.shape[-1] ** -0.5, seed=42, dropout_rate=0.0, variadic_args=(False, False),
+                  mask_type=cudnn.MaskType.PADDING_CAUSAL, layout=cudnn._normalize_layout("BTNH").value,
+                  sliding_window_length=None)
+    return unused, tensors, static
+
+
 def _causal_with_lse(q, k, v, kv_lengths, impl: str):
     """(out (B, T, Hq, D), lse (B, T, Hq) f32) of causal attention over the first kv_lengths keys."""
     if impl == "cudnn":
-        # jax.nn casts the log-sum-exp to the compute dtype (bf16: ~0.06 absolute at 10); the cuDNN
-        # call under it returns it in f32, as (B, Hq, T).
-        from jax._src.cudnn.fused_attention_stablehlo import MaskType
-        from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
-
+        cudnn = _cudnn()
         b, t = q.shape[:2]
-        out, lse = cudnn_attention(q, k, v, None, None, jnp.full((b,), t, jnp.int32), kv_lengths,
-                                   scale=q.shape[-1] ** -0.5, mask_type=MaskType.PADDING_CAUSAL,
-                                   return_residual=True)
-        return out, jnp.transpose(lse, (0, 2, 1)).astype(jnp.float32)
+        out, lse = cudnn.dot_product_attention(q, k, v, None, None, jnp.full((b,), t, jnp.int32), kv_lengths,
+                                               scale=q.shape[-1] ** -0.5, mask_type=cudnn.MaskType.PADDING_CAUSAL,
+                                               return_residual=True)
+        return out, jnp.transpose(lse, (0, 2, 1)).astype(jnp.float32)  # cuDNN's is (B, Hq, T) f32
     out, lse = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=kv_lengths,
                                             implementation="xla", return_residual=True)
     return out, lse.astype(jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def stream_attention(q, k, v, kv_lengths, impl: str):
-    """Causal attention over the stream and its log-sum-exp per query and head, both differentiable."""
-    return _causal_with_lse(q, k, v, kv_lengths, impl)
+def _stream_grads(q, k, v, kv_lengths, out, lse, d_out, impl: str):
+    """(dq, dk, dv) of the stream's keys within the merged softmax (out, lse: the merged results)."""
+    if impl == "cudnn":
+        unused, (q_len, kv_len, *offsets), static = _cudnn_args(q, kv_lengths)
+        res = (q, k, v, unused, q_len, kv_len, *offsets, jnp.transpose(lse, (0, 2, 1)), out)
+        grads = _cudnn()._dot_product_attention_bwd_rule(*static.values(), True, False, res, d_out)
+        return grads[:3]
+    t = q.shape[1]
+    pos = jnp.arange(t)
+    allowed = (pos[None, :] <= pos[:, None])[None] & (pos[None, None, :] < kv_lengths[:, None, None])
+    return jax.grad(_merged_objective, argnums=(0, 1, 2))(
+        q, k, v, allowed[:, None, None], lse, d_out, _row_dot(d_out, out))
 
 
-def _stream_fwd(q, k, v, kv_lengths, impl):
-    out, vjp_out = jax.vjp(lambda q, k, v: _causal_with_lse(q, k, v, kv_lengths, impl), q, k, v)
-    return out, (vjp_out, q, k, kv_lengths)
+def _row_dot(d_out, out):
+    """D_i = dO_i . O_i per query and head: (B, T, Hq) f32."""
+    return jnp.einsum("bthd,bthd->bth", d_out.astype(jnp.float32), out.astype(jnp.float32))
 
 
-def _stream_bwd(impl, res, cotangents):
-    vjp_out, q, k, kv_lengths = res
-    ct_out, ct_lse = cotangents
-    dq, dk, dv = vjp_out((ct_out, jnp.zeros_like(ct_lse)))  # the kernel's own backward ignores ct_lse
-    weight = ct_lse[..., None] * (q.shape[-1] ** -0.5)  # (B, T, Hq, 1) f32
-    keys_as_values, vjp_values = jax.vjp(lambda values: _causal_with_lse(q, k, values, kv_lengths, impl)[0], k)
-    dq = dq + (weight * keys_as_values.astype(jnp.float32)).astype(dq.dtype)
-    (dk_lse,) = vjp_values((weight * q.astype(jnp.float32)).astype(q.dtype))
-    return dq, dk + dk_lse.astype(dk.dtype), dv, None
+def _merged_objective(q, k, v, allowed, lse, d_out, row_dot):
+    """sum_ij P_ij (dO_i . v_j - D_i) over allowed (B, Hkv, G, Tq, Tk) pairs with L fixed: its gradient is
+    the merged softmax's for these keys. The stream reference (dense); the kernel computes it fused."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    probs = _fixed_softmax(scores, allowed, _heads(lse, hkv)[..., None])
+    pv = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v.astype(jnp.float32)).reshape(b, t, hq, d)
+    return jnp.sum(d_out.astype(jnp.float32) * pv) - jnp.sum(_heads(row_dot, hkv) * probs.sum(-1))
 
 
-stream_attention.defvjp(_stream_fwd, _stream_bwd)
+def _heads(x, hkv):
+    """(B, T, Hq) -> (B, Hkv, G, T)."""
+    b, t, hq = x.shape
+    return jnp.transpose(x.reshape(b, t, hkv, hq // hkv), (0, 2, 3, 1))
+
+
+def _fixed_softmax(scores, allowed, lse):
+    """exp(s - L) where allowed, else 0; safe where L = -inf (a query that reads nothing here)."""
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    return jnp.where(allowed, jnp.exp(scores - lse), 0.0)
 
 
 def _windows(x, chunks: int, window: int, fill):
@@ -73,38 +109,111 @@ def _windows(x, chunks: int, window: int, fill):
     return jnp.concatenate([x[:, j:j + chunks] for j in range(window)], axis=2)
 
 
-def _memory_part(q, mem_k, mem_v, mem_valid, layout):
-    """Exact f32 attention of the stream's queries (B, S+T, Hq, D) over the memory slots each reads (its
-    chunk's window; the sink reads none): (out (B, S+T, Hq, D) f32, lse (B, S+T, Hq), -inf where a
-    query reads no memory). Computed per chunk: a chunk's queries against its window's slots only."""
-    b, stream, hq, d = q.shape
-    hkv = mem_k.shape[2]
-    sink, size, window = layout.sink_len, layout.chunk_len, layout.window
-    slot_chunks = np.asarray(layout.slot_chunks)
-    per_chunk = int(np.sum(slot_chunks == 0))
-    c_m = len(slot_chunks) // max(per_chunk, 1)
-    if per_chunk == 0 or not np.array_equal(slot_chunks, np.repeat(np.arange(c_m), per_chunk)):
-        raise ValueError("split memory attention needs the same number of memory slots for every chunk, in order")
-    chunks = -(-(stream - sink) // size)
-    keys = _windows(mem_k.reshape(b, c_m, per_chunk, hkv, d), chunks, window, 0)
-    values = _windows(mem_v.reshape(b, c_m, per_chunk, hkv, d), chunks, window, 0)
-    valid = _windows(mem_valid.reshape(b, c_m, per_chunk), chunks, window, False)  # (B, C, W)
-    queries = jnp.pad(q[:, sink:], [(0, 0), (0, chunks * size - (stream - sink)), (0, 0), (0, 0)])
-    queries = queries.reshape(b, chunks, size, hkv, hq // hkv, d)
-    scores = jnp.einsum("bclhgd,bcwhd->bchglw", queries, keys, preferred_element_type=jnp.float32) * (d ** -0.5)
-    reads = valid[:, :, None, None, None, :]
-    any_read = reads.any(axis=-1)
-    scores = jnp.where(reads, scores, jnp.finfo(jnp.float32).min)
+class _Chunked:
+    """The memory part's per-chunk view: the stream's queries (B, S+T, ...) as (B, C, L, ...) chunks of
+    L = chunk_len (sink dropped, last chunk padded), and each chunk's window of memory slots."""
+
+    def __init__(self, layout, stream: int, mem_k, mem_v, mem_valid):
+        self.sink, self.size, self.stream = layout.sink_len, layout.chunk_len, stream
+        slot_chunks = np.asarray(layout.slot_chunks)
+        per_chunk = int(np.sum(slot_chunks == 0))
+        c_m = len(slot_chunks) // max(per_chunk, 1)
+        if per_chunk == 0 or not np.array_equal(slot_chunks, np.repeat(np.arange(c_m), per_chunk)):
+            raise ValueError("split memory attention needs the same number of memory slots for every chunk, in order")
+        self.chunks = -(-(stream - self.sink) // self.size)
+        b, _, hkv, d = mem_k.shape
+        self.keys = _windows(mem_k.reshape(b, c_m, per_chunk, hkv, d), self.chunks, layout.window, 0)
+        self.values = _windows(mem_v.reshape(b, c_m, per_chunk, hkv, d), self.chunks, layout.window, 0)
+        valid = _windows(mem_valid.reshape(b, c_m, per_chunk), self.chunks, layout.window, False)  # (B, C, W)
+        self.reads = valid[:, :, None, None, None, :]  # against scores (B, C, Hkv, G, L, W)
+
+    def split(self, x, fill=0):
+        """(B, S+T, Hq, ...) -> (B, C, L, Hq, ...)."""
+        pad = [(0, 0)] * x.ndim
+        pad[1] = (0, self.chunks * self.size - (self.stream - self.sink))
+        x = jnp.pad(x[:, self.sink:], pad, constant_values=fill)
+        return x.reshape(x.shape[0], self.chunks, self.size, *x.shape[2:])
+
+    def join(self, x, fill):
+        """(B, C, L, Hq, ...) -> (B, S+T, Hq, ...), the sink's rows `fill`."""
+        x = x.reshape(x.shape[0], self.chunks * self.size, *x.shape[3:])[:, :self.stream - self.sink]
+        return jnp.concatenate([jnp.full((x.shape[0], self.sink, *x.shape[2:]), fill, x.dtype), x], axis=1)
+
+    def scores(self, q):
+        """(B, C, Hkv, G, L, W) f32 scores of each chunk's queries against its window's slots."""
+        b, _, hq, d = q.shape
+        hkv = self.keys.shape[-2]
+        queries = self.split(q).reshape(b, self.chunks, self.size, hkv, hq // hkv, d)
+        return jnp.einsum("bclhgd,bcwhd->bchglw", queries, self.keys, preferred_element_type=jnp.float32) * (d ** -0.5)
+
+    def weighted_values(self, probs):
+        """(B, C, Hkv, G, L, W) probabilities -> (B, S+T, Hq, D) f32, their values' sums."""
+        out = jnp.einsum("bchglw,bcwhd->bclhgd", probs.astype(self.values.dtype), self.values,
+                         preferred_element_type=jnp.float32)
+        return self.join(out.reshape(*out.shape[:3], -1, out.shape[-1]), 0.0)
+
+    def per_query(self, x):
+        """(B, C, Hkv, G, L) -> (B, S+T, Hq), the sink's rows -inf."""
+        x = jnp.transpose(x, (0, 1, 4, 2, 3))
+        return self.join(x.reshape(*x.shape[:3], -1), -jnp.inf)
+
+    def per_chunk(self, x):
+        """(B, S+T, Hq) -> (B, C, Hkv, G, L)."""
+        hkv = self.keys.shape[-2]
+        x = self.split(x)
+        x = x.reshape(*x.shape[:3], hkv, x.shape[-1] // hkv)
+        return jnp.transpose(x, (0, 1, 3, 4, 2))
+
+
+def _memory_part(q, view: _Chunked):
+    """Exact attention of the stream's queries over the memory slots each reads (its chunk's window; the
+    sink reads none): (out (B, S+T, Hq, D) f32, lse (B, S+T, Hq), -inf where a query reads no memory)."""
+    scores = view.scores(q)
+    any_read = view.reads.any(axis=-1)
+    scores = jnp.where(view.reads, scores, jnp.finfo(jnp.float32).min)
     top = jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
-    e = jnp.where(reads, jnp.exp(scores - top), 0.0)
+    e = jnp.where(view.reads, jnp.exp(scores - top), 0.0)
     z = jnp.where(any_read, e.sum(axis=-1), 1.0)
     lse = jnp.where(any_read, top[..., 0] + jnp.log(z), -jnp.inf)  # (B, C, Hkv, G, L)
-    out = jnp.einsum("bchglw,bcwhd->bclhgd", e / z[..., None], values.astype(jnp.float32))
-    out = out.reshape(b, chunks * size, hq, d)[:, :stream - sink]
-    lse = jnp.transpose(lse, (0, 1, 4, 2, 3)).reshape(b, chunks * size, hq)[:, :stream - sink]
-    out = jnp.concatenate([jnp.zeros((b, sink, hq, d), out.dtype), out], axis=1)
-    lse = jnp.concatenate([jnp.full((b, sink, hq), -jnp.inf, lse.dtype), lse], axis=1)
-    return out, lse
+    return view.weighted_values(e / z[..., None]), view.per_query(lse)
+
+
+def _memory_objective(q, mem_k, mem_v, mem_valid, layout, lse, d_out, row_dot):
+    """`_merged_objective` over the memory slots, per chunk."""
+    view = _Chunked(layout, q.shape[1], mem_k, mem_v, mem_valid)
+    probs = _fixed_softmax(view.scores(q), view.reads, view.per_chunk(lse)[..., None])
+    return (jnp.sum(d_out.astype(jnp.float32) * view.weighted_values(probs))
+            - jnp.sum(view.per_chunk(row_dot) * probs.sum(-1)))
+
+
+def _split_attention(layout, impl: str):
+    @jax.custom_vjp
+    def attention(q, k, v, mem_k, mem_v, kv_lengths, mem_valid):
+        return forward(q, k, v, mem_k, mem_v, kv_lengths, mem_valid)[0]
+
+    def forward(q, k, v, mem_k, mem_v, kv_lengths, mem_valid):
+        with jax.named_scope("stream_attention"):
+            out_s, lse_s = _causal_with_lse(q, k, v, kv_lengths, impl)
+        with jax.named_scope("memory_attention"):
+            out_m, lse_m = _memory_part(q, _Chunked(layout, q.shape[1], mem_k, mem_v, mem_valid))
+        lse = jnp.logaddexp(lse_s, lse_m)
+        w_s, w_m = jnp.exp(lse_s - lse)[..., None], jnp.exp(lse_m - lse)[..., None]
+        out = (w_s * out_s.astype(jnp.float32) + w_m * out_m).astype(q.dtype)
+        return out, (q, k, v, mem_k, mem_v, kv_lengths, mem_valid, out, lse)
+
+    def backward(res, d_out):
+        q, k, v, mem_k, mem_v, kv_lengths, mem_valid, out, lse = res
+        with jax.named_scope("stream_attention"):
+            dq, dk, dv = _stream_grads(q, k, v, kv_lengths, out, lse, d_out, impl)
+        with jax.named_scope("memory_attention"):
+            objective = functools.partial(_memory_objective, mem_valid=mem_valid, layout=layout, lse=lse,
+                                          d_out=d_out, row_dot=_row_dot(d_out, out))
+            dq_m, d_mem_k, d_mem_v = jax.grad(objective, argnums=(0, 1, 2))(q, mem_k, mem_v)
+        dq = (dq.astype(jnp.float32) + dq_m.astype(jnp.float32)).astype(q.dtype)
+        return dq, dk, dv, d_mem_k, d_mem_v, None, None
+
+    attention.defvjp(forward, backward)
+    return attention
 
 
 def split_memory_attention(q, k, v, mask: AttentionMask, impl: str):
@@ -115,10 +224,5 @@ def split_memory_attention(q, k, v, mask: AttentionMask, impl: str):
     if k.shape[1] != nm + stream:
         raise ValueError(f"split memory attention needs {nm} memory keys then {stream} stream keys, "
                          f"got {k.shape[1]} keys")
-    with jax.named_scope("stream_attention"):
-        out_s, lse_s = stream_attention(q, k[:, nm:], v[:, nm:], mask.kv_lengths, impl)
-    with jax.named_scope("memory_attention"):
-        out_m, lse_m = _memory_part(q, k[:, :nm], v[:, :nm], mask.memory_valid, layout)
-    lse = jnp.logaddexp(lse_s, lse_m)
-    w_s, w_m = jnp.exp(lse_s - lse)[..., None], jnp.exp(lse_m - lse)[..., None]
-    return (w_s * out_s.astype(jnp.float32) + w_m * out_m).astype(q.dtype)
+    return _split_attention(layout, impl)(q, k[:, nm:], v[:, nm:], k[:, :nm], v[:, :nm],
+                                          mask.kv_lengths, mask.memory_valid)
