@@ -161,12 +161,33 @@ def test_decode_weights_cast_once_to_the_compute_dtype(monkeypatch):
     cast = Generator(model, eos_id=-1)
     leaves = jax.tree_util.tree_flatten_with_path([cast.state, cast.layer_states])[0]
     for path, x in leaves:
-        kernel = "kernel" in jax.tree_util.keystr(path)
+        kernel = any(name in jax.tree_util.keystr(path) for name in ("kernel", "qkv", "gate_up"))
         assert x.dtype == (jnp.bfloat16 if kernel else jnp.float32), jax.tree_util.keystr(path)
     monkeypatch.setattr(generator_module, "kernels_as", lambda state, dtype: state)
     per_use = Generator(model, eos_id=-1)
     assert per_use.state["lm_head"]["kernel"][...].dtype == jnp.float32
     assert cast.generate(prompts, 12, mode="none").tokens == per_use.generate(prompts, 12, mode="none").tokens
+
+
+def test_fused_decode_weights_are_the_layer_kernels():
+    """Each layer's fused q/k/v and gate/up kernels are its own kernels side by side; the state keeps
+    zero-size placeholders, so the per-layer copy does not hold them twice."""
+    cfg = config_lib.load("tiny")
+    model = Memory3(cfg, rngs=nnx.Rngs(4))
+    stack = model.layers[0]
+    blocks = nnx.state(stack.blocks)
+    for i, (state, fused) in enumerate(stack.layer_states()):
+        attn, mlp = blocks["self_attn"], blocks["mlp"]
+        hq = attn["q_proj"]["kernel"][...].shape[2]
+        hkv = attn["k_proj"]["kernel"][...].shape[2]
+        np.testing.assert_array_equal(fused["qkv"][:, :hq], attn["q_proj"]["kernel"][...][i])
+        np.testing.assert_array_equal(fused["qkv"][:, hq:hq + hkv], attn["k_proj"]["kernel"][...][i])
+        np.testing.assert_array_equal(fused["qkv"][:, hq + hkv:], attn["v_proj"]["kernel"][...][i])
+        np.testing.assert_array_equal(fused["gate_up"][:, 0], mlp["gate_proj"]["kernel"][...][i])
+        np.testing.assert_array_equal(fused["gate_up"][:, 1], mlp["up_proj"]["kernel"][...][i])
+        assert state["self_attn"]["q_proj"]["kernel"][...].size == 0
+        assert state["mlp"]["up_proj"]["kernel"][...].size == 0
+        np.testing.assert_array_equal(state["self_attn"]["o_proj"]["kernel"][...], attn["o_proj"]["kernel"][...][i])
 
 
 def test_no_memory_mode_equals_plain_recomputation(setup):

@@ -117,7 +117,7 @@ class Attention(nnx.Module):
         out = checkpoint_name(self.o_proj(out), "attn_proj")
         return out, ((q, k, k_rot, v) if collect else None)
 
-    def decode(self, x, cos, sin, cache_kv, write_at, memory_valid=None):
+    def decode(self, x, cos, sin, cache_kv, write_at, memory_valid=None, qkv_kernel=None):
         """One new token per row against a KV cache (generation).
 
         x: (B, 1, dim); cache_kv: (k, v) each (B, S, Hkv, D), the stream so far, read only; write_at: (B,)
@@ -126,9 +126,16 @@ class Attention(nnx.Module):
         them this token reads. Returns (out (B, 1, dim), (k, v) of this token, each (B, Hkv, D), for the
         caller to store). The new key is scored apart from the cache rather than written into it first:
         an update of the cache inside the layer loop makes XLA copy the whole cache once per layer.
+        qkv_kernel: None, or (dim, Hq + 2 Hkv, D), the three projections' kernels concatenated: one GEMM.
         """
         b = x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if qkv_kernel is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            dtype, hq = self.q_proj.dtype, self.o_proj.kernel.shape[0]
+            qkv = jnp.einsum("bte,ehd->bthd", x.astype(dtype), qkv_kernel.astype(dtype))
+            hkv = (qkv.shape[2] - hq) // 2
+            q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         hq, (hkv, d) = q.shape[2], k.shape[2:]
         qg = q_rot.reshape(b, hkv, hq // hkv, d)

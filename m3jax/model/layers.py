@@ -62,6 +62,13 @@ class MLP(nnx.Module):
             h = constrain(h, ("batch", "length", "mlp"))
             return self.down_proj(h)
 
+    def fused(self, x, gate_up_kernel):
+        """The same with gate and up kernels stacked, (dim, 2, hidden): one GEMM (decoding)."""
+        with jax.named_scope("mlp"):
+            dtype = self.down_proj.dtype
+            gate_up = jnp.einsum("...e,egm->...gm", x.astype(dtype), gate_up_kernel.astype(dtype))
+            return self.down_proj(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
+
 
 def rope_angles(positions, head_dim: int, theta: float):
     """cos, sin of shape positions.shape + (head_dim,), in f32, HF's rotate-half layout."""

@@ -32,10 +32,35 @@ class Block(nnx.Module):
         h = h + self.mlp(self.post_attention_layernorm(h))
         return constrain(h, ("batch", "length", "embed")), aux
 
-    def decode(self, h, cos, sin, cache_kv, write_at, memory_valid=None):
-        a, cache_kv = self.self_attn.decode(self.input_layernorm(h), cos, sin, cache_kv, write_at, memory_valid)
+    def decode(self, h, cos, sin, cache_kv, write_at, memory_valid=None, fused=None):
+        """fused: None, or this layer's `fuse_decode_weights` kernels (then the state's are placeholders)."""
+        a, cache_kv = self.self_attn.decode(self.input_layernorm(h), cos, sin, cache_kv, write_at, memory_valid,
+                                            None if fused is None else fused["qkv"])
         h = h + a
-        return h + self.mlp(self.post_attention_layernorm(h)), cache_kv
+        x = self.post_attention_layernorm(h)
+        return h + (self.mlp(x) if fused is None else self.mlp.fused(x, fused["gate_up"])), cache_kv
+
+
+_FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+
+def fuse_decode_weights(layer_state):
+    """(state, fused) of one layer: fused["qkv"] (dim, Hq + 2 Hkv, D) and fused["gate_up"] (dim, 2, mlp);
+    the state's copies of those kernels become zero-size (decoding never reads them)."""
+    kernels = {}
+
+    def take(path, x):
+        names = [getattr(k, "key", None) for k in path]
+        name = next((n for n in names if any(n in parts for parts in _FUSED.values())), None)
+        if name is None or "kernel" not in names:
+            return x
+        kernels[name] = x
+        return jnp.zeros((0,), x.dtype)
+
+    state = jax.tree_util.tree_map_with_path(take, layer_state)
+    fused = {"qkv": jnp.concatenate([kernels[n] for n in _FUSED["qkv"]], axis=1),
+             "gate_up": jnp.stack([kernels[n] for n in _FUSED["gate_up"]], axis=1)}
+    return state, fused
 
 
 def remat_policy(name: str):
@@ -95,11 +120,13 @@ class LayerStack(nnx.Module):
         return h, stacked
 
     def layer_states(self, state=None):
-        """Each layer's parameters as separate arrays (for decoding: slicing the stacked parameters
-        inside the step makes XLA copy a layer's weights at every generated token). state: the stacked
-        parameters to split, shaped like this stack's (default: its own)."""
+        """Each layer's parameters as separate arrays, for decoding (slicing the stacked parameters inside
+        the step makes XLA copy a layer's weights at every generated token), as (state, fused) pairs:
+        fused holds q/k/v and gate/up kernels concatenated, so a step reads each once as one wide GEMM
+        (narrow k/v GEMMs stream their weights at a fraction of bandwidth), and the state keeps
+        zero-size placeholders in their place. state: the stacked parameters (default: this stack's)."""
         state = nnx.state(self.blocks) if state is None else state
-        return [jax.tree.map(lambda x, i=i: x[i], state) for i in range(self.num_layers)]
+        return [fuse_decode_weights(jax.tree.map(lambda x, i=i: x[i], state)) for i in range(self.num_layers)]
 
     def decode(self, h, cos, sin, cache_kv, write_at, memory_valid=None, layer_states=None):
         """One token per row through the layers. cache_kv: (k, v) each (layers, B, S, Hkv, D);
@@ -114,8 +141,9 @@ class LayerStack(nnx.Module):
         rows = jnp.arange(h.shape[0])
         if layer_states is not None:
             new_cache = []
-            for layer_state, (k_i, v_i) in zip(layer_states, cache_kv):
-                h, (k, v) = nnx.merge(graphdef, layer_state).decode(h, cos, sin, (k_i, v_i), write_at, memory_valid)
+            for (layer_state, fused), (k_i, v_i) in zip(layer_states, cache_kv):
+                block = nnx.merge(graphdef, layer_state)
+                h, (k, v) = block.decode(h, cos, sin, (k_i, v_i), write_at, memory_valid, fused)
                 new_cache.append((k_i.at[rows, write_at].set(k.astype(k_i.dtype)),
                                   v_i.at[rows, write_at].set(v.astype(v_i.dtype))))
             return h, new_cache
