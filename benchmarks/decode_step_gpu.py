@@ -20,8 +20,10 @@ import time
 import gpu_trace  # benchmarks/, beside this script
 
 CMD_ALL = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
-VARIANTS = {
+VARIANTS = {  # name: XLA flags, or ("", decode_matmul) for the weight products' implementation
     "default": "",
+    "xla_matmul": ("", "xla"),
+    "pallas_matmul": ("", "pallas"),
     "no_command_buffers": "--xla_gpu_enable_command_buffer=",
     "command_buffers_with_loops": f"--xla_gpu_enable_command_buffer={CMD_ALL} --xla_gpu_graph_min_graph_size=1",
     "cublas": "--xla_gpu_enable_triton_gemm=false",
@@ -35,7 +37,7 @@ def gpu_busy(trace_dir: str, steps: int) -> dict:
     return {"gpu_processes": processes, **gpu_trace.busy(kernels, steps)}
 
 
-def child(config: str, profile_dir: str | None) -> dict:
+def child(config: str, profile_dir: str | None, decode_matmul: str) -> dict:
     import jax
     import numpy as np
 
@@ -43,7 +45,8 @@ def child(config: str, profile_dir: str | None) -> dict:
     from m3jax.checkpoint import load_model
     from m3jax.generate.generator import Generator
 
-    cfg = config_lib.load(config, {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16"})
+    cfg = config_lib.load(config, {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
+                                   "model.decode_matmul": decode_matmul})
     model = load_model(cfg, "random:0")
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
     prompts = np.random.default_rng(0).integers(5, 500, (32, 128)).tolist()
@@ -68,13 +71,15 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--profile_dir", default=None)
     parser.add_argument("--child", default=None)
+    parser.add_argument("--decode_matmul", default="auto")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.config, args.profile_dir)))
+        print(json.dumps(child(args.config, args.profile_dir, args.decode_matmul)))
         return
     for name in args.variants.split(","):
-        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + VARIANTS[name]).strip())
-        cmd = [sys.executable, __file__, "--config", args.config, "--child", name]
+        flags, matmul = VARIANTS[name] if isinstance(VARIANTS[name], tuple) else (VARIANTS[name], "auto")
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+        cmd = [sys.executable, __file__, "--config", args.config, "--child", name, "--decode_matmul", matmul]
         if args.profile_dir and name == "default":
             cmd += ["--profile_dir", args.profile_dir]
         out = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True)

@@ -43,7 +43,18 @@ def busy(kernels: list[dict], steps: int) -> dict:
     return {"kernel_launches_per_step": len(kernels) / steps, "busy_share_of_span": total_busy / wall,
             "span_ms": wall / 1e3, "busy_ms": total_busy / 1e3,
             "top_kernels_us_per_step": [(name[:120], round(us / steps, 1), count[name] // steps)
-                                        for name, us in total.most_common(25)]}
+                                        for name, us in total.most_common(25)],
+            "by_kind_us_per_step": _by_kind(total, count, steps)}
+
+
+def _by_kind(total, count, steps: int) -> list:
+    """Kernel time per kind of kernel: names without their instance numbers (loop_add_fusion_12 -> loop_add_fusion)."""
+    kind_total, kind_count = collections.Counter(), collections.Counter()
+    for name, us in total.items():
+        kind = re.sub(r"[_.]\d+", "", name)[:80]
+        kind_total[kind] += us
+        kind_count[kind] += count[name]
+    return [(kind, round(us / steps, 1), kind_count[kind] // steps) for kind, us in kind_total.most_common(20)]
 
 
 def _key(name: str) -> str:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from m3jax.model import decode_matmul as dm
 from m3jax.model.layers import Linear, apply_rope
 from m3jax.model.masks import AttentionMask
 from m3jax.sharding import constrain
@@ -92,6 +93,7 @@ class Attention(nnx.Module):
         self.v_proj = Linear((dim,), (hkv, hd), ("embed",), ("kv_heads", "head_dim"), **kw)
         self.o_proj = Linear((hq, hd), (dim,), ("q_heads", "head_dim"), ("embed",), **kw)
         self.impl = resolve_impl(m.attention, m.dtype)
+        self.decode_matmul = dm.resolve_impl(m.decode_matmul)
 
     def __call__(self, x, cos, sin, mask, memory_kv=None, collect=False):
         """x: (B, T, dim); mask: AttentionMask over (Nm +) T keys; memory_kv: (k, v) each (B, Nm, Hkv, D) or None.
@@ -126,14 +128,15 @@ class Attention(nnx.Module):
         them this token reads. Returns (out (B, 1, dim), (k, v) of this token, each (B, Hkv, D), for the
         caller to store). The new key is scored apart from the cache rather than written into it first:
         an update of the cache inside the layer loop makes XLA copy the whole cache once per layer.
-        qkv_kernel: None, or (dim, Hq + 2 Hkv, D), the three projections' kernels concatenated: one GEMM.
+        qkv_kernel: None, or (dim, Hq + 2 Hkv, D), the three projections' kernels concatenated: one GEMM
+        (then the projections run as `model.decode_matmul` says).
         """
         b = x.shape[0]
         if qkv_kernel is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             dtype, hq = self.q_proj.dtype, self.o_proj.kernel.shape[0]
-            qkv = jnp.einsum("bte,ehd->bthd", x.astype(dtype), qkv_kernel.astype(dtype))
+            qkv = dm.decode_matmul(x.astype(dtype), qkv_kernel, self.decode_matmul)
             hkv = (qkv.shape[2] - hq) // 2
             q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -155,4 +158,8 @@ class Attention(nnx.Module):
         out += jnp.einsum("bhgk,bkhd->bhgd", weights.astype(qg.dtype), cache_v.astype(qg.dtype),
                           preferred_element_type=jnp.float32)
         out = (out / total).reshape(b, 1, hq, d).astype(q.dtype)
+        if qkv_kernel is not None:
+            o_kernel = self.o_proj.kernel[...]
+            out = dm.decode_matmul(out.reshape(b, 1, hq * d), o_kernel.reshape(hq * d, -1), self.decode_matmul)
+            return out, (k_rot[:, 0], v[:, 0])
         return self.o_proj(out), (k_rot[:, 0], v[:, 0])

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m3jax.model.decode_matmul import decode_matmul
 from m3jax.sharding import constrain
 
 
@@ -50,8 +51,9 @@ class RMSNorm(nnx.Module):
 class MLP(nnx.Module):
     """SiLU-gated MLP without bias (SwiGLU), as in Llama."""
 
-    def __init__(self, dim, hidden, *, std, dtype, param_dtype, rngs):
+    def __init__(self, dim, hidden, *, std, dtype, param_dtype, rngs, decode_matmul="xla"):
         kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.decode_matmul = decode_matmul  # how `fused` multiplies (m3jax/model/decode_matmul.py)
         self.gate_proj = Linear((dim,), (hidden,), ("embed",), ("mlp",), **kw)
         self.up_proj = Linear((dim,), (hidden,), ("embed",), ("mlp",), **kw)
         self.down_proj = Linear((hidden,), (dim,), ("mlp",), ("embed",), **kw)
@@ -66,8 +68,9 @@ class MLP(nnx.Module):
         """The same with gate and up kernels stacked, (dim, 2, hidden): one GEMM (decoding)."""
         with jax.named_scope("mlp"):
             dtype = self.down_proj.dtype
-            gate_up = jnp.einsum("...e,egm->...gm", x.astype(dtype), gate_up_kernel.astype(dtype))
-            return self.down_proj(jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :])
+            gate_up = decode_matmul(x.astype(dtype), gate_up_kernel, self.decode_matmul)
+            h = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+            return decode_matmul(h, self.down_proj.kernel[...], self.decode_matmul)
 
 
 def rope_angles(positions, head_dim: int, theta: float):

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from m3jax.config import memory_layer_range, padded_vocab_size, sink_len, validate
+from m3jax.model.decode_matmul import decode_matmul, resolve_impl
 from m3jax.model.layers import Linear, RMSNorm, param, rope_angles
 from m3jax.model.masks import AttentionMask, context_mask
 from m3jax.model.sparsify import Selection, slot_valid
@@ -69,6 +70,7 @@ class Memory3(nnx.Module):
         self.cfg = ml_collections.FrozenConfigDict(cfg)
         m = cfg.model
         self.dtype = jnp.dtype(m.dtype)
+        self.decode_matmul = resolve_impl(m.decode_matmul)  # how decoding multiplies by weights
         self.embed_tokens = param(rngs, nnx.initializers.normal(m.init_std), (padded_vocab_size(m), m.hidden_size),
                                   ("vocab", "embed"), jnp.dtype(m.param_dtype))
         self.layers = nnx.List([LayerStack(m, n, first, is_mem, rngs=rngs) for first, n, is_mem in _segments(cfg)])
@@ -158,7 +160,10 @@ class Memory3(nnx.Module):
             h, seg_kv = seg.decode(h, cos, sin, seg_kv, write_at, memory_valid if seg.is_memory else None,
                                    None if layer_states is None else layer_states[i])
             new_cache.append(seg_kv)
-        return self._logits(self.norm(h))[:, 0], new_cache
+        h = self.norm(h)
+        if layer_states is None or self.cfg.model.tie_embeddings:  # a tied head is transposed: XLA's dot
+            return self._logits(h)[:, 0], new_cache
+        return decode_matmul(h[:, 0], self.lm_head.kernel[...], self.decode_matmul, out_dtype=jnp.float32), new_cache
 
     def _forward(self, tokens, memory, padding_mask, collect_kv: bool):
         tokens = self._check_tokens(tokens, "tokens")

@@ -24,7 +24,8 @@ class Block(nnx.Module):
         self.self_attn = Attention(m, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, eps=m.norm_eps, dtype=dt, param_dtype=pdt,
                                                 rngs=rngs)
-        self.mlp = MLP(m.hidden_size, m.mlp_dim, std=m.init_std, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.mlp = MLP(m.hidden_size, m.mlp_dim, std=m.init_std, dtype=dt, param_dtype=pdt, rngs=rngs,
+                       decode_matmul=self.self_attn.decode_matmul)
 
     def __call__(self, h, cos, sin, mask, memory_kv=None, collect=False):
         a, aux = self.self_attn(self.input_layernorm(h), cos, sin, mask, memory_kv, collect)

@@ -1,0 +1,118 @@
+"""Matrix products with few rows (decoding: one token per sequence), as a Pallas Triton kernel on GPU.
+
+A decoding step multiplies (batch, dim) activations by every weight matrix once, so its time is the
+time to stream the weights from HBM. XLA's GEMMs reach ~1.5-1.9 TB/s of the H200's 4.8 at 32 rows
+(benchmarks/RESULTS.md): an output of 3,200 columns in tiles of 128 gives 25 blocks for 132 SMs. This
+kernel splits the reduction axis too (split-K), so every SM streams weights, and sums the f32 partial
+products afterwards (XLA fuses that sum into whatever reads the product).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "xla", "pallas")
+MAX_ROWS = 64  # beyond this a GEMM is no longer weight-bound at batch sizes worth a custom kernel
+
+
+class Tiling(NamedTuple):
+    block_n: int  # output columns per block
+    block_k: int  # reduction rows per loop step
+    splits: int  # blocks along the reduction axis (partial sums added afterwards)
+    num_warps: int = 4
+    num_stages: int = 5
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """`auto`: the Pallas kernel on GPU, XLA's dot elsewhere."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown decode matmul {impl!r}; expected one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    return "pallas" if (platform or jax.default_backend()) == "gpu" else "xla"
+
+
+def _rows(m: int) -> int:
+    """Rows the kernel computes: a power of two >= 16 (Triton's tensor-core dot needs 16)."""
+    return max(16, 1 << (m - 1).bit_length())
+
+
+def pick_tiling(m: int, k: int, n: int, blocks_wanted: int = 100) -> Tiling | None:
+    """A tiling for (m, k) @ (k, n), or None when the kernel does not fit the shape (XLA's dot then).
+
+    blocks_wanted: the sweep of benchmarks/decode_matmul_gpu.py on an H200 (132 SMs) favoured 100-175
+    blocks of 128 columns x 64-row steps: more splits cost more in partial sums than they gain.
+    """
+    if _rows(m) > MAX_ROWS:
+        return None
+    block_n = next((b for b in (128, 64, 32) if n % b == 0), None)
+    block_k = next((b for b in (64, 32) if k % b == 0), None)
+    if block_n is None or block_k is None:
+        return None
+    steps = k // block_k
+    col_blocks = n // block_n
+    # the fewest splits (fewest partial sums) that give enough blocks; splits divide the reduction steps
+    divisors = [s for s in range(1, steps + 1) if steps % s == 0]
+    splits = next((s for s in divisors if col_blocks * s >= blocks_wanted), divisors[-1])
+    return Tiling(block_n, block_k, splits)
+
+
+def _kernel(x_ref, w_ref, o_ref, *, block_k: int, steps: int):
+    from jax.experimental import pallas as pl
+
+    def body(i, acc):
+        ks = pl.ds(i * block_k, block_k)
+        return acc + jnp.dot(x_ref[:, ks], w_ref[ks, :], preferred_element_type=jnp.float32)
+
+    o_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret", "out_dtype"))
+def pallas_matmul(x, w, tiling: Tiling, interpret: bool = False, out_dtype=None):
+    """x: (m, k) @ w: (k, n) -> (m, n) in out_dtype (default x's), accumulated in f32.
+    interpret: run on any backend (tests on the CPU)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    m, k = x.shape
+    n = w.shape[1]
+    rows = _rows(m)
+    if rows != m:
+        x = jnp.pad(x, ((0, rows - m), (0, 0)))
+    bn, bk, s = tiling.block_n, tiling.block_k, tiling.splits
+    part = k // s
+    partials = pl.pallas_call(
+        functools.partial(_kernel, block_k=bk, steps=part // bk),
+        grid=(n // bn, s),
+        in_specs=[pl.BlockSpec((rows, part), lambda j, i: (0, i)),
+                  pl.BlockSpec((part, bn), lambda j, i: (i, j))],
+        out_specs=pl.BlockSpec((None, rows, bn), lambda j, i: (i, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((s, rows, n), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        interpret=interpret,
+        name="decode_matmul",
+    )(x, w.astype(x.dtype))
+    return partials.sum(axis=0)[:m].astype(out_dtype or x.dtype)
+
+
+def decode_matmul(x, w, impl: str, out_dtype=None):
+    """x: (..., k) @ w: (k, ...) -> (..., *w.shape[1:]) in out_dtype (default x's), f32 accumulation.
+
+    impl: "xla" (jnp.dot), or "pallas" (the split-K kernel where its tiling fits the shape, XLA's dot
+    otherwise; off GPU the kernel runs in Pallas' interpreter, for tests); resolve "auto" first.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    if w.shape[0] != k:
+        raise ValueError(f"cannot multiply (..., {k}) by {w.shape}")
+    x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
+    tiling = pick_tiling(x2.shape[0], k, w2.shape[1]) if impl == "pallas" else None
+    if tiling is None:
+        if impl not in ("xla", "pallas"):
+            raise ValueError(f"unknown decode matmul {impl!r}; expected 'xla' or 'pallas'")
+        y = jnp.dot(x2, w2.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
+    else:
+        y = pallas_matmul(x2, w2, tiling, jax.default_backend() != "gpu", jnp.dtype(out_dtype or x.dtype))
+    return y.reshape(*lead, *w.shape[1:])

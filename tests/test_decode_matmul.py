@@ -1,0 +1,83 @@
+"""The split-K decode matmul (Pallas; its interpreter on the CPU) against float64 products, its tiling and
+fallbacks, and generation through it against generation through XLA's dot."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from m3jax import config as config_lib
+from m3jax.generate.generator import Generator
+from m3jax.model import decode_matmul as dm
+from m3jax.model.lm import Memory3
+
+
+def _reference(x, w):
+    return np.asarray(x, np.float64).reshape(-1, x.shape[-1]) @ np.asarray(w, np.float64).reshape(x.shape[-1], -1)
+
+
+@pytest.mark.parametrize("m,k,n,tiling", [
+    (32, 256, 384, dm.Tiling(128, 64, 4)),  # 4 partial sums over the reduction axis
+    (5, 192, 64, dm.Tiling(64, 64, 1)),  # rows padded to 16, one block of columns, no split
+    (17, 96, 96, dm.Tiling(32, 32, 3)),  # rows padded to 32
+])
+def test_kernel_equals_the_float64_product(m, k, n, tiling):
+    x = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+    got = dm.pallas_matmul(x, w, tiling, interpret=True)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), _reference(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_decode_matmul_keeps_leading_and_trailing_axes_and_the_output_dtype():
+    x = jax.random.normal(jax.random.key(2), (4, 1, 128), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(3), (128, 3, 64), jnp.bfloat16)  # e.g. (dim, heads, head_dim)
+    got = dm.decode_matmul(x, w, "pallas", out_dtype=jnp.float32)
+    assert got.shape == (4, 1, 3, 64) and got.dtype == jnp.float32
+    want = _reference(x.astype(jnp.float32), w.astype(jnp.float32)).reshape(4, 1, 3, 64)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-2, atol=2e-2)  # bf16 inputs, f32 accumulation
+    xla = dm.decode_matmul(x, w, "xla", out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(xla), rtol=1e-3, atol=1e-3)
+
+
+def test_tiling_covers_the_shape_and_fills_the_gpu():
+    for m, k, n in [(32, 3200, 4480), (32, 3200, 3200), (32, 3200, 6400), (32, 3200, 60416), (8, 512, 1024)]:
+        t = dm.pick_tiling(m, k, n)
+        assert n % t.block_n == 0 and k % t.block_k == 0 and (k // t.block_k) % t.splits == 0
+        steps = k // t.block_k
+        fewer = [s for s in range(1, t.splits) if steps % s == 0]
+        # the fewest splits that reach 100 blocks (or all of them when none does)
+        assert (n // t.block_n) * t.splits >= 100 or t.splits == steps
+        assert all((n // t.block_n) * s < 100 for s in fewer)
+
+
+@pytest.mark.parametrize("m,k,n", [(65, 256, 256), (8, 100, 256), (8, 256, 100)])
+def test_shapes_the_kernel_does_not_fit_take_xlas_dot(m, k, n):
+    assert dm.pick_tiling(m, k, n) is None
+    x = jax.random.normal(jax.random.key(4), (m, k), jnp.float32)
+    w = jax.random.normal(jax.random.key(5), (k, n), jnp.float32)
+    np.testing.assert_allclose(np.asarray(dm.decode_matmul(x, w, "pallas")), _reference(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_bad_input_is_refused_clearly():
+    with pytest.raises(ValueError, match="cannot multiply"):
+        dm.decode_matmul(jnp.ones((2, 8)), jnp.ones((9, 4)), "xla")
+    with pytest.raises(ValueError, match="unknown decode matmul 'cublas'"):
+        dm.resolve_impl("cublas")
+    with pytest.raises(config_lib.ConfigError, match="model.decode_matmul"):
+        config_lib.load("tiny", {"model.decode_matmul": "cublas"})
+
+
+def test_auto_is_the_kernel_on_gpu_only():
+    assert dm.resolve_impl("auto", "gpu") == "pallas"
+    assert dm.resolve_impl("auto", "cpu") == "xla" and dm.resolve_impl("auto", "tpu") == "xla"
+    assert dm.resolve_impl("xla", "gpu") == "xla"
+
+
+def test_generation_through_the_kernel_equals_generation_through_xla():
+    prompts = np.random.default_rng(0).integers(5, 200, (3, 20)).tolist()
+    out = {}
+    for impl in ("xla", "pallas"):
+        cfg = config_lib.load("tiny", {"model.dtype": "float32", "model.decode_matmul": impl})
+        out[impl] = Generator(Memory3(cfg, rngs=nnx.Rngs(0)), eos_id=-1).generate(prompts, 40, mode="none").tokens
+    assert out["pallas"] == out["xla"]
