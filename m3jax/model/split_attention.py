@@ -30,25 +30,19 @@ def _cudnn():
     return cudnn
 
 
-def _cudnn_args(q, kv_lengths):
-    cudnn = _cudnn()
+def _cudnn_lengths_scale_mask(q, kv_lengths):
+    """What the cuDNN forward and its backward rule are both given: query and key lengths, scale, mask type."""
     b, t = q.shape[:2]
-    unused = jnp.zeros(0, q.dtype)
-    tensors = (jnp.full((b,), t, jnp.int32), kv_lengths.astype(jnp.int32), unused, unused, unused, unused)
-    static = dict(scale=q.shape[-1] ** -0.5, seed=42, dropout_rate=0.0, variadic_args=(False, False),
-                  mask_type=cudnn.MaskType.PADDING_CAUSAL, layout=cudnn._normalize_layout("BTNH").value,
-                  sliding_window_length=None)
-    return unused, tensors, static
+    return (jnp.full((b,), t, jnp.int32), kv_lengths.astype(jnp.int32), q.shape[-1] ** -0.5,
+            _cudnn().MaskType.PADDING_CAUSAL)
 
 
 def _causal_with_lse(q, k, v, kv_lengths, impl: str):
     """(out (B, T, Hq, D), lse (B, T, Hq) f32) of causal attention over the first kv_lengths keys."""
     if impl == "cudnn":
-        cudnn = _cudnn()
-        b, t = q.shape[:2]
-        out, lse = cudnn.dot_product_attention(q, k, v, None, None, jnp.full((b,), t, jnp.int32), kv_lengths,
-                                               scale=q.shape[-1] ** -0.5, mask_type=cudnn.MaskType.PADDING_CAUSAL,
-                                               return_residual=True)
+        q_len, kv_len, scale, mask_type = _cudnn_lengths_scale_mask(q, kv_lengths)
+        out, lse = _cudnn().dot_product_attention(q, k, v, None, None, q_len, kv_len, scale=scale,
+                                                  mask_type=mask_type, return_residual=True)
         return out, jnp.transpose(lse, (0, 2, 1)).astype(jnp.float32)  # cuDNN's is (B, Hq, T) f32
     out, lse = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=kv_lengths,
                                             implementation="xla", return_residual=True)
@@ -58,9 +52,15 @@ def _causal_with_lse(q, k, v, kv_lengths, impl: str):
 def _stream_grads(q, k, v, kv_lengths, out, lse, d_out, impl: str):
     """(dq, dk, dv) of the stream's keys within the merged softmax (out, lse: the merged results)."""
     if impl == "cudnn":
-        unused, (q_len, kv_len, *offsets), static = _cudnn_args(q, kv_lengths)
-        res = (q, k, v, unused, q_len, kv_len, *offsets, jnp.transpose(lse, (0, 2, 1)), out)
-        grads = _cudnn()._dot_product_attention_bwd_rule(*static.values(), True, False, res, d_out)
+        cudnn = _cudnn()
+        q_len, kv_len, scale, mask_type = _cudnn_lengths_scale_mask(q, kv_lengths)
+        none = jnp.zeros(0, q.dtype)
+        # residuals: q, k, v, bias, lengths, q/kv offsets, paged K/V tables, log-sum-exp (B, Hq, T), output
+        res = (q, k, v, none, q_len, kv_len, none, none, none, none, jnp.transpose(lse, (0, 2, 1)), out)
+        grads = cudnn._dot_product_attention_bwd_rule(  # positional, in the rule's order (jax 0.10-0.11):
+            scale, 42, 0.0, (False, False),  # scale, seed, dropout_rate, variadic_args (no bias, no mask)
+            mask_type, cudnn._normalize_layout("BTNH").value, None,  # mask_type, layout, sliding_window_length
+            True, False, res, d_out)  # is_training, return_residual
         return grads[:3]
     t = q.shape[1]
     pos = jnp.arange(t)
