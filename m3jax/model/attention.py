@@ -158,8 +158,9 @@ class Attention(nnx.Module):
         out += jnp.einsum("bhgk,bkhd->bhgd", weights.astype(qg.dtype), cache_v.astype(qg.dtype),
                           preferred_element_type=jnp.float32)
         out = (out / total).reshape(b, 1, hq, d).astype(q.dtype)
-        if qkv_kernel is not None:
-            o_kernel = self.o_proj.kernel[...]
-            out = dm.decode_matmul(out.reshape(b, 1, hq * d), o_kernel.reshape(hq * d, -1), self.decode_matmul)
-            return out, (k_rot[:, 0], v[:, 0])
-        return self.o_proj(out), (k_rot[:, 0], v[:, 0])
+        if qkv_kernel is None:
+            out = self.o_proj(out)
+        else:
+            o_kernel = self.o_proj.kernel[...].reshape(hq * d, -1)
+            out = dm.decode_matmul(out.reshape(b, 1, hq * d), o_kernel, self.decode_matmul)
+        return out, (k_rot[:, 0], v[:, 0])

@@ -82,8 +82,11 @@ def restore_params(cfg, run_dir, abstract_state=None):
     ours = json.loads(config_lib.to_json(cfg))
     layout = ("layer_start", "num_layers", "reference_prefix_ids", "reference_len", "tokens_per_head")
     how = ("attention", "decode_matmul", "remat", "scan_layers")  # how to compute, not what: may change
-    if ({k: v for k, v in saved["model"].items() if k not in how}
-            != {k: v for k, v in ours["model"].items() if k not in how}) or any(saved["memory"][k] != ours["memory"][k] for k in layout):
+
+    def what(model: dict) -> dict:
+        return {k: v for k, v in model.items() if k not in how}
+
+    if what(saved["model"]) != what(ours["model"]) or any(saved["memory"][k] != ours["memory"][k] for k in layout):
         raise ValueError(f"the run in {run_dir} trained another model (model config differs); stage 2 must "
                          "continue the same model")
     graphdef, *_, abstract = _setup(cfg)
