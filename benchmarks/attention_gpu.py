@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,17 +21,12 @@ import numpy as np
 
 from m3jax.model.attention import attend
 from m3jax.model.masks import context_mask
+from timing import median_seconds  # benchmarks/, beside this script
 
 
 def timed(fn, *args, reps=20):
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    """Milliseconds per call (median)."""
+    return median_seconds(fn, *args, reps=reps) * 1e3
 
 
 def rel(a, b):

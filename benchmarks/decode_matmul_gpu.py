@@ -13,25 +13,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 
 from m3jax.model.decode_matmul import Tiling, decode_matmul, pallas_matmul, pick_tiling
+from timing import median_seconds  # benchmarks/, beside this script
 
 SHAPES = {"qkv": (3200, 4480), "o": (3200, 3200), "gate_up": (3200, 6400), "down": (3200, 3200),
           "lm_head": (3200, 60416)}
-
-
-def timed(fn, *args, reps: int = 20) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[reps // 2]
 
 
 def bandwidth(matmul, x, ws, loops: int = 10) -> float:
@@ -40,7 +30,7 @@ def bandwidth(matmul, x, ws, loops: int = 10) -> float:
         def one(_, total):
             return total + sum(matmul(x, w).astype(jnp.float32).sum() for w in ws)
         return jax.lax.fori_loop(0, loops, one, jnp.zeros((), jnp.float32))
-    seconds = timed(jax.jit(passes), x, ws, reps=5)
+    seconds = median_seconds(jax.jit(passes), x, ws, reps=5)
     return loops * sum(w.nbytes for w in ws) / seconds / 1e12
 
 
