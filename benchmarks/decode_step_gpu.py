@@ -20,10 +20,12 @@ import time
 import gpu_trace  # benchmarks/, beside this script
 
 CMD_ALL = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
-VARIANTS = {  # name: XLA flags, or ("", decode_matmul) for the weight products' implementation
+VARIANTS = {  # name: XLA flags, or (XLA flags, model config overrides)
     "default": "",
-    "xla_matmul": ("", "xla"),
-    "pallas_matmul": ("", "pallas"),
+    "xla_matmul": ("", {"decode_matmul": "xla"}),
+    "pallas_matmul": ("", {"decode_matmul": "pallas"}),
+    "xla_attention": ("", {"decode_attention": "xla"}),
+    "xla_both": ("", {"decode_matmul": "xla", "decode_attention": "xla"}),
     "no_command_buffers": "--xla_gpu_enable_command_buffer=",
     "command_buffers_with_loops": f"--xla_gpu_enable_command_buffer={CMD_ALL} --xla_gpu_graph_min_graph_size=1",
     "cublas": "--xla_gpu_enable_triton_gemm=false",
@@ -37,7 +39,7 @@ def gpu_busy(trace_dir: str, steps: int) -> dict:
     return {"gpu_processes": processes, **gpu_trace.busy(kernels, steps)}
 
 
-def child(config: str, profile_dir: str | None, decode_matmul: str) -> dict:
+def child(config: str, profile_dir: str | None, overrides: dict) -> dict:
     import jax
     import numpy as np
 
@@ -46,7 +48,7 @@ def child(config: str, profile_dir: str | None, decode_matmul: str) -> dict:
     from m3jax.generate.generator import Generator
 
     cfg = config_lib.load(config, {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
-                                   "model.decode_matmul": decode_matmul})
+                                   **{f"model.{k}": v for k, v in overrides.items()}})
     model = load_model(cfg, "random:0")
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
     prompts = np.random.default_rng(0).integers(5, 500, (32, 128)).tolist()
@@ -71,15 +73,15 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--profile_dir", default=None)
     parser.add_argument("--child", default=None)
-    parser.add_argument("--decode_matmul", default="auto")
+    parser.add_argument("--overrides", default="{}", help="model config fields, as JSON")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.config, args.profile_dir, args.decode_matmul)))
+        print(json.dumps(child(args.config, args.profile_dir, json.loads(args.overrides))))
         return
     for name in args.variants.split(","):
-        flags, matmul = VARIANTS[name] if isinstance(VARIANTS[name], tuple) else (VARIANTS[name], "auto")
+        flags, overrides = VARIANTS[name] if isinstance(VARIANTS[name], tuple) else (VARIANTS[name], {})
         env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
-        cmd = [sys.executable, __file__, "--config", args.config, "--child", name, "--decode_matmul", matmul]
+        cmd = [sys.executable, __file__, "--config", args.config, "--child", name, "--overrides", json.dumps(overrides)]
         if args.profile_dir and name == "default":
             cmd += ["--profile_dir", args.profile_dir]
         out = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True)

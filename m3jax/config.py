@@ -14,6 +14,7 @@ import re
 
 import ml_collections
 
+from m3jax.model.decode_attention import IMPLS as DECODE_ATTENTION_IMPLS
 from m3jax.model.decode_matmul import IMPLS as DECODE_MATMUL_IMPLS
 
 REMAT_POLICIES = (
@@ -55,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.scan_layers = True
     m.attention = "auto"  # auto: splash on TPU, cudnn_split on GPU (half precision), exact elsewhere
     m.decode_matmul = "auto"  # decoding's weight products; auto: split-K Pallas kernel on GPU, XLA elsewhere
+    m.decode_attention = "auto"  # decoding's cache attention; auto: Pallas kernel on GPU, XLA elsewhere
     m.bos_id = 1
     m.pad_id = 0
 
@@ -170,7 +172,8 @@ def validate(cfg) -> ml_collections.ConfigDict:
     if m.rope_theta <= 0 or m.norm_eps <= 0 or m.init_std <= 0:
         raise ConfigError("model.rope_theta, model.norm_eps and model.init_std must be positive")
     for f, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_POLICIES),
-                       ("attention", ATTENTION_IMPLS), ("decode_matmul", DECODE_MATMUL_IMPLS)):
+                       ("attention", ATTENTION_IMPLS), ("decode_matmul", DECODE_MATMUL_IMPLS),
+                       ("decode_attention", DECODE_ATTENTION_IMPLS)):
         if m[f] not in allowed:
             raise ConfigError(f"model.{f} is {m[f]!r}; expected one of {', '.join(allowed)}")
     for f in ("leak_threshold_train", "leak_threshold_eval"):

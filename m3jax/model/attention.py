@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from m3jax.model import decode_attention as da
 from m3jax.model import decode_matmul as dm
 from m3jax.model.layers import Linear, apply_rope
 from m3jax.model.masks import AttentionMask
@@ -94,6 +95,7 @@ class Attention(nnx.Module):
         self.o_proj = Linear((hq, hd), (dim,), ("q_heads", "head_dim"), ("embed",), **kw)
         self.impl = resolve_impl(m.attention, m.dtype)
         self.decode_matmul = dm.resolve_impl(m.decode_matmul)
+        self.decode_attention = da.resolve_impl(m.decode_attention)
 
     def __call__(self, x, cos, sin, mask, memory_kv=None, collect=False):
         """x: (B, T, dim); mask: AttentionMask over (Nm +) T keys; memory_kv: (k, v) each (B, Nm, Hkv, D) or None.
@@ -119,17 +121,20 @@ class Attention(nnx.Module):
         out = checkpoint_name(self.o_proj(out), "attn_proj")
         return out, ((q, k, k_rot, v) if collect else None)
 
-    def decode(self, x, cos, sin, cache_kv, write_at, memory_valid=None, qkv_kernel=None):
+    def decode(self, x, cos, sin, cache_kv, write_at, memory_valid=None, qkv_kernel=None, update_cache=False):
         """One new token per row against a KV cache (generation).
 
-        x: (B, 1, dim); cache_kv: (k, v) each (B, S, Hkv, D), the stream so far, read only; write_at: (B,)
-        the stream index of this token (cache keys at and after it are ignored); memory_valid: None, or
-        (B, Nm) bool when the cache's last Nm positions hold memories (`Memory3.load_memory`): which of
-        them this token reads. Returns (out (B, 1, dim), (k, v) of this token, each (B, Hkv, D), for the
-        caller to store). The new key is scored apart from the cache rather than written into it first:
-        an update of the cache inside the layer loop makes XLA copy the whole cache once per layer.
-        qkv_kernel: None, or (dim, Hq + 2 Hkv, D), the three projections' kernels concatenated: one GEMM
-        (then the projections run as `model.decode_matmul` says).
+        x: (B, 1, dim); cache_kv: (k, v) each (B, S, Hkv, D), the stream so far; write_at: (B,) the stream
+        index of this token (cache keys at and after it are ignored); memory_valid: None, or (B, Nm) bool
+        when the cache's last Nm positions hold memories (`Memory3.load_memory`): which of them this token
+        reads. qkv_kernel: None, or (dim, Hq + 2 Hkv, D), the three projections' kernels concatenated: one
+        GEMM (then the projections run as `model.decode_matmul` says).
+
+        Returns (out (B, 1, dim), kv). Without `update_cache`, the cache is only read and kv is this token's
+        (k, v), each (B, Hkv, D), for the caller to store: an update of a cache stacked over layers inside
+        the layer loop makes XLA copy the whole cache once per layer. With `update_cache` (a cache of this
+        layer alone), kv is the cache with the token written, by the Pallas kernel when
+        `model.decode_attention` says so (m3jax/model/decode_attention.py).
         """
         b = x.shape[0]
         if qkv_kernel is None:
@@ -141,12 +146,35 @@ class Attention(nnx.Module):
             q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         hq, (hkv, d) = q.shape[2], k.shape[2:]
-        qg = q_rot.reshape(b, hkv, hq // hkv, d)
         cache_k, cache_v = cache_kv
+        if update_cache and self.decode_attention == "pallas" and da.fits(hq, hkv, d):
+            out, cache_k, cache_v = da.decode_attention(q_rot[:, 0], k_rot[:, 0].astype(cache_k.dtype),
+                                                        v[:, 0].astype(cache_v.dtype), cache_k, cache_v,
+                                                        write_at, memory_valid)
+            out, kv = out[:, None], (cache_k, cache_v)
+        else:
+            out = self._decode_attention_xla(q_rot, k_rot, v, cache_k, cache_v, write_at, memory_valid)
+            kv = (k_rot[:, 0], v[:, 0])
+            if update_cache:
+                rows = jnp.arange(b)
+                kv = (cache_k.at[rows, write_at].set(kv[0].astype(cache_k.dtype)),
+                      cache_v.at[rows, write_at].set(kv[1].astype(cache_v.dtype)))
+        if qkv_kernel is None:
+            out = self.o_proj(out)
+        else:
+            o_kernel = self.o_proj.kernel[...].reshape(hq * d, -1)
+            out = dm.decode_matmul(out.reshape(b, 1, hq * d), o_kernel, self.decode_matmul)
+        return out, kv
+
+    @staticmethod
+    def _decode_attention_xla(q_rot, k_rot, v, cache_k, cache_v, write_at, memory_valid):
+        """(B, 1, Hq, D): one softmax over [cache | this token], in two parts (no concatenation of the new key)."""
+        b, _, hq, d = q_rot.shape
+        hkv = k_rot.shape[2]
+        qg = q_rot.reshape(b, hkv, hq // hkv, d)
         ok = jnp.arange(cache_k.shape[1])[None, :] < write_at[:, None]
         if memory_valid is not None:  # memories in the cache's tail: one softmax over stream and memories
             ok = jnp.concatenate([ok[:, :cache_k.shape[1] - memory_valid.shape[1]], memory_valid], axis=1)
-        # One softmax over [cache | this token], in two parts (no concatenation of the new key).
         scale = d ** -0.5
         scores = jnp.einsum("bhgd,bkhd->bhgk", qg, cache_k.astype(qg.dtype), preferred_element_type=jnp.float32)
         scores = jnp.where(ok[:, None, None, :], scores * scale, _NEG)
@@ -157,10 +185,4 @@ class Attention(nnx.Module):
         out = own * v[:, 0, :, None, :].astype(jnp.float32)
         out += jnp.einsum("bhgk,bkhd->bhgd", weights.astype(qg.dtype), cache_v.astype(qg.dtype),
                           preferred_element_type=jnp.float32)
-        out = (out / total).reshape(b, 1, hq, d).astype(q.dtype)
-        if qkv_kernel is None:
-            out = self.o_proj(out)
-        else:
-            o_kernel = self.o_proj.kernel[...].reshape(hq * d, -1)
-            out = dm.decode_matmul(out.reshape(b, 1, hq * d), o_kernel, self.decode_matmul)
-        return out, (k_rot[:, 0], v[:, 0])
+        return (out / total).reshape(b, 1, hq, d).astype(q_rot.dtype)

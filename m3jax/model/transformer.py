@@ -33,10 +33,11 @@ class Block(nnx.Module):
         h = h + self.mlp(self.post_attention_layernorm(h))
         return constrain(h, ("batch", "length", "embed")), aux
 
-    def decode(self, h, cos, sin, cache_kv, write_at, memory_valid=None, fused=None):
-        """fused: None, or this layer's `fuse_decode_weights` kernels (then the state's are placeholders)."""
+    def decode(self, h, cos, sin, cache_kv, write_at, memory_valid=None, fused=None, update_cache=False):
+        """fused: None, or this layer's `fuse_decode_weights` kernels (then the state's are placeholders);
+        update_cache: as `Attention.decode`."""
         a, cache_kv = self.self_attn.decode(self.input_layernorm(h), cos, sin, cache_kv, write_at, memory_valid,
-                                            None if fused is None else fused["qkv"])
+                                            None if fused is None else fused["qkv"], update_cache)
         h = h + a
         x = self.post_attention_layernorm(h)
         return h + (self.mlp(x) if fused is None else self.mlp.fused(x, fused["gate_up"])), cache_kv
@@ -136,17 +137,15 @@ class LayerStack(nnx.Module):
         Layers only read the cache; the new keys and values of all layers are written once, after the
         loop, by a scan over the stacked weights. With `layer_states` (from `layer_states()`) the layers run
         as straight-line code and the weights and the cache are per layer: cache_kv is a list of (k, v)
-        each (B, S, Hkv, D), and each layer updates its own cache in place.
+        each (B, S, Hkv, D), and each layer updates its own cache in place (`Attention.decode(update_cache=True)`).
         """
         graphdef, state = nnx.split(self.blocks)
-        rows = jnp.arange(h.shape[0])
         if layer_states is not None:
             new_cache = []
-            for (layer_state, fused), (k_i, v_i) in zip(layer_states, cache_kv):
+            for (layer_state, fused), layer_kv in zip(layer_states, cache_kv):
                 block = nnx.merge(graphdef, layer_state)
-                h, (k, v) = block.decode(h, cos, sin, (k_i, v_i), write_at, memory_valid, fused)
-                new_cache.append((k_i.at[rows, write_at].set(k.astype(k_i.dtype)),
-                                  v_i.at[rows, write_at].set(v.astype(v_i.dtype))))
+                h, layer_kv = block.decode(h, cos, sin, layer_kv, write_at, memory_valid, fused, update_cache=True)
+                new_cache.append(layer_kv)
             return h, new_cache
 
         def layer(h, xs):
@@ -154,6 +153,7 @@ class LayerStack(nnx.Module):
             return nnx.merge(graphdef, layer_state).decode(h, cos, sin, (k, v), write_at, memory_valid)
 
         h, (new_k, new_v) = jax.lax.scan(layer, h, (state, *cache_kv))
+        rows = jnp.arange(h.shape[0])
         cache_k = cache_kv[0].at[:, rows, write_at].set(new_k.astype(cache_kv[0].dtype))
         cache_v = cache_kv[1].at[:, rows, write_at].set(new_v.astype(cache_kv[1].dtype))
         return h, (cache_k, cache_v)
