@@ -136,21 +136,18 @@ class Attention(nnx.Module):
         layer alone), kv is the cache with the token written, by the Pallas kernel when
         `model.decode_attention` says so (m3jax/model/decode_attention.py).
         """
-        b = x.shape[0]
+        b, hq = x.shape[0], self.o_proj.kernel.shape[0]
         if qkv_kernel is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            qkv = jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=2)
         else:
-            dtype, hq = self.q_proj.dtype, self.o_proj.kernel.shape[0]
-            qkv = dm.decode_matmul(x.astype(dtype), qkv_kernel, self.decode_matmul)
-            hkv = (qkv.shape[2] - hq) // 2
-            q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
-        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        hq, (hkv, d) = q.shape[2], k.shape[2:]
+            qkv = dm.decode_matmul(x.astype(self.q_proj.dtype), qkv_kernel, self.decode_matmul)
+        hkv, d = (qkv.shape[2] - hq) // 2, qkv.shape[3]
+        # RoPE on q and k with v passed through: one element-wise pass, one array for the kernel
+        qkv = jnp.concatenate([apply_rope(qkv[:, :, :hq + hkv], cos, sin), qkv[:, :, hq + hkv:]], axis=2)
+        q_rot, k_rot, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
         cache_k, cache_v = cache_kv
         if update_cache and self.decode_attention == "pallas" and da.fits(hq, hkv, d):
-            out, cache_k, cache_v = da.decode_attention(q_rot[:, 0], k_rot[:, 0].astype(cache_k.dtype),
-                                                        v[:, 0].astype(cache_v.dtype), cache_k, cache_v,
-                                                        write_at, memory_valid)
+            out, cache_k, cache_v = da.decode_attention_packed(qkv[:, 0], cache_k, cache_v, write_at, memory_valid)
             out, kv = out[:, None], (cache_k, cache_v)
         else:
             out = self._decode_attention_xla(q_rot, k_rot, v, cache_k, cache_v, write_at, memory_valid)

@@ -62,8 +62,7 @@ class Tiling(NamedTuple):
     num_stages: int = 3
 
 
-def _kernel(write_at_ref, q_ref, k_new_ref, v_new_ref, k_ref, v_ref, *refs, parts, group, tiling, scale,
-            memory_slots):
+def _kernel(write_at_ref, qkv_ref, k_ref, v_ref, *refs, parts, group, kv_heads, tiling, scale, memory_slots):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -73,9 +72,11 @@ def _kernel(write_at_ref, q_ref, k_new_ref, v_new_ref, k_ref, v_ref, *refs, part
     write_at = write_at_ref[pl.program_id(0)]
     split = pl.program_id(2) if splits > 1 else 0
     row_ok = jnp.arange(rows) < group
-    q = [plgpu.load(q_ref.at[pl.ds(0, rows), pl.ds(off, size)], mask=row_ok[:, None], other=0) for off, size in parts]
-    k_new = [k_new_ref[pl.ds(off, size)] for off, size in parts]
-    v_new = [v_new_ref[pl.ds(off, size)] for off, size in parts]
+    head = pl.program_id(1)
+    q_rows, k_row = pl.ds(head * group, rows), kv_heads * group + head  # this kv head's rows of qkv
+    q = [plgpu.load(qkv_ref.at[q_rows, pl.ds(off, size)], mask=row_ok[:, None], other=0) for off, size in parts]
+    k_new = [qkv_ref[k_row, pl.ds(off, size)] for off, size in parts]
+    v_new = [qkv_ref[k_row + kv_heads, pl.ds(off, size)] for off, size in parts]
     # the new token's own key starts the first split's softmax (the others start empty)
     own = sum((qp.astype(jnp.float32) * kp.astype(jnp.float32)[None, :]).sum(axis=1) for qp, kp in zip(q, k_new))
     first = split == 0
@@ -156,31 +157,41 @@ def decode_attention(q, k_new, v_new, cache_k, cache_v, write_at, memory_valid=N
     Returns (out (B, Hq, D) in q's dtype, cache_k, cache_v with this token at write_at). Off GPU the
     kernel runs in Pallas' interpreter (tests). Call `fits` first: other shapes are rejected.
     """
-    b, hq, d = q.shape
+    if k_new.shape != v_new.shape or q.shape[::2] != k_new.shape[::2]:
+        raise ValueError(f"decode attention shapes disagree: q {q.shape}, k_new {k_new.shape}, v_new {v_new.shape}")
+    qkv = jnp.concatenate([q, k_new.astype(q.dtype), v_new.astype(q.dtype)], axis=1)
+    return decode_attention_packed(qkv, cache_k, cache_v, write_at, memory_valid, tiling)
+
+
+def decode_attention_packed(qkv, cache_k, cache_v, write_at, memory_valid=None, tiling: Tiling | None = None):
+    """`decode_attention` with q, k_new and v_new as one array qkv (B, Hq + 2 Hkv, D), in that order (what
+    the fused q/k/v projection gives: one element-wise pass applies RoPE to all of it, not three)."""
+    b, rows, d = qkv.shape
     s, hkv = cache_k.shape[1:3]
-    if not fits(hq, hkv, d) or hq % hkv:
+    hq = rows - 2 * hkv
+    if hq < 1 or not fits(hq, hkv, d) or hq % hkv:
         raise ValueError(f"the decode attention kernel does not take {hq} query heads over {hkv} kv heads of dim {d}")
-    if k_new.shape != (b, hkv, d) or v_new.shape != (b, hkv, d) or cache_v.shape != cache_k.shape or \
-            cache_k.shape != (b, s, hkv, d) or write_at.shape != (b,):
-        raise ValueError(f"decode attention shapes disagree: q {q.shape}, k_new {k_new.shape}, v_new {v_new.shape}, "
-                         f"cache {cache_k.shape} / {cache_v.shape}, write_at {write_at.shape}")
+    if cache_v.shape != cache_k.shape or cache_k.shape != (b, s, hkv, d) or write_at.shape != (b,):
+        raise ValueError(f"decode attention shapes disagree: qkv {qkv.shape}, cache {cache_k.shape} / "
+                         f"{cache_v.shape}, write_at {write_at.shape}")
     if memory_valid is not None and (memory_valid.ndim != 2 or memory_valid.shape[0] != b
                                      or memory_valid.shape[1] >= s):
         raise ValueError(f"memory_valid has shape {memory_valid.shape}; expected ({b}, Nm) with Nm < {s}")
     tiling = tiling or Tiling()
     if tiling.block_keys < 16 or tiling.block_keys & (tiling.block_keys - 1) or tiling.splits < 1:
         raise ValueError(f"bad decode attention tiling {tiling}: block_keys a power of two >= 16, splits >= 1")
-    return _pallas_decode_attention(q, k_new, v_new, cache_k, cache_v, write_at, memory_valid, tiling,
+    return _pallas_decode_attention(qkv, cache_k, cache_v, write_at, memory_valid, tiling,
                                     interpret=jax.default_backend() != "gpu")
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
-def _pallas_decode_attention(q, k_new, v_new, cache_k, cache_v, write_at, memory_valid, tiling, interpret):
+def _pallas_decode_attention(qkv, cache_k, cache_v, write_at, memory_valid, tiling, interpret):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    b, hq, d = q.shape
+    b, rows, d = qkv.shape
     s, hkv = cache_k.shape[1:3]
+    hq = rows - 2 * hkv
     group, splits = hq // hkv, tiling.splits
     memory_slots = 0 if memory_valid is None else memory_valid.shape[1]
 
@@ -191,20 +202,21 @@ def _pallas_decode_attention(q, k_new, v_new, cache_k, cache_v, write_at, memory
         return pl.BlockSpec((None, None, None, *block), lambda i, h, j: (i, h, j) + (0,) * len(block))
 
     cache_spec = pl.BlockSpec((None, s, None, d), lambda i, h, j: (i, 0, h, 0))
-    in_specs = [pl.BlockSpec((b,), lambda i, h, j: (0,)), spec(group, d), spec(d), spec(d), cache_spec, cache_spec]
-    args = [write_at.astype(jnp.int32), q.reshape(b, hkv, group, d), k_new, v_new, cache_k, cache_v]
+    in_specs = [pl.BlockSpec((b,), lambda i, h, j: (0,)), pl.BlockSpec((None, rows, d), lambda i, h, j: (i, 0, 0)),
+                cache_spec, cache_spec]
+    args = [write_at.astype(jnp.int32), qkv, cache_k, cache_v]
     if memory_slots:
         in_specs.append(pl.BlockSpec((None, memory_slots), lambda i, h, j: (i, 0)))
         args.append(memory_valid.astype(jnp.int32))
     if splits == 1:
         out_specs = [spec(group, d)]
-        out_shape = [jax.ShapeDtypeStruct((b, hkv, group, d), q.dtype)]
+        out_shape = [jax.ShapeDtypeStruct((b, hkv, group, d), qkv.dtype)]
     else:
         out_specs = [split_spec(group), split_spec(group), split_spec(group, d)]
         out_shape = [jax.ShapeDtypeStruct((b, hkv, splits, group), jnp.float32)] * 2 + \
             [jax.ShapeDtypeStruct((b, hkv, splits, group, d), jnp.float32)]
-    kernel = functools.partial(_kernel, parts=head_dim_parts(d), group=group, tiling=tiling, scale=d ** -0.5,
-                               memory_slots=memory_slots)
+    kernel = functools.partial(_kernel, parts=head_dim_parts(d), group=group, kv_heads=hkv, tiling=tiling,
+                               scale=d ** -0.5, memory_slots=memory_slots)
     *outs, cache_k, cache_v = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),
@@ -212,7 +224,7 @@ def _pallas_decode_attention(q, k_new, v_new, cache_k, cache_v, write_at, memory
         out_specs=out_specs + [cache_spec, cache_spec],
         out_shape=out_shape + [jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
                                jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype)],
-        input_output_aliases={4: len(out_shape), 5: len(out_shape) + 1},
+        input_output_aliases={2: len(out_shape), 3: len(out_shape) + 1},
         compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=interpret,
         name="decode_attention",
@@ -222,5 +234,5 @@ def _pallas_decode_attention(q, k_new, v_new, cache_k, cache_v, write_at, memory
     else:  # one softmax from the splits' partial ones
         top, total, acc = outs
         weight = jnp.exp(top - top.max(axis=2, keepdims=True))
-        out = ((acc * weight[..., None]).sum(axis=2) / (total * weight).sum(axis=2)[..., None]).astype(q.dtype)
+        out = ((acc * weight[..., None]).sum(axis=2) / (total * weight).sum(axis=2)[..., None]).astype(qkv.dtype)
     return out.reshape(b, hq, d), cache_k, cache_v
