@@ -18,18 +18,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla", "pallas")
+from m3jax.model import decode_matmul as dm
+
+IMPLS = dm.IMPLS
 MAX_GROUP = 64  # query heads per kv head the kernel takes (rows of its dot)
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
 def resolve_impl(impl: str, platform: str | None = None) -> str:
     """`auto`: the Pallas kernel on GPU, XLA elsewhere."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown decode attention {impl!r}; expected one of {IMPLS}")
-    if impl != "auto":
-        return impl
-    return "pallas" if (platform or jax.default_backend()) == "gpu" else "xla"
+    return dm.resolve_impl(impl, platform, what="decode attention")
 
 
 def head_dim_parts(head_dim: int) -> tuple[tuple[int, int], ...] | None:

@@ -26,10 +26,10 @@ class Tiling(NamedTuple):
     num_stages: int = 5
 
 
-def resolve_impl(impl: str, platform: str | None = None) -> str:
-    """`auto`: the Pallas kernel on GPU, XLA's dot elsewhere."""
+def resolve_impl(impl: str, platform: str | None = None, what: str = "decode matmul") -> str:
+    """`auto`: the Pallas kernel on GPU, XLA elsewhere (for the decode matmul and the decode attention)."""
     if impl not in IMPLS:
-        raise ValueError(f"unknown decode matmul {impl!r}; expected one of {IMPLS}")
+        raise ValueError(f"unknown {what} {impl!r}; expected one of {IMPLS}")
     if impl != "auto":
         return impl
     return "pallas" if (platform or jax.default_backend()) == "gpu" else "xla"
