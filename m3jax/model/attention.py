@@ -144,12 +144,12 @@ class Attention(nnx.Module):
         hkv, d = (qkv.shape[2] - hq) // 2, qkv.shape[3]
         # RoPE on q and k with v passed through: one element-wise pass, one array for the kernel
         qkv = jnp.concatenate([apply_rope(qkv[:, :, :hq + hkv], cos, sin), qkv[:, :, hq + hkv:]], axis=2)
-        q_rot, k_rot, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
         cache_k, cache_v = cache_kv
         if update_cache and self.decode_attention == "pallas" and da.fits(hq, hkv, d):
             out, cache_k, cache_v = da.decode_attention_packed(qkv[:, 0], cache_k, cache_v, write_at, memory_valid)
             out, kv = out[:, None], (cache_k, cache_v)
         else:
+            q_rot, k_rot, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
             out = self._decode_attention_xla(q_rot, k_rot, v, cache_k, cache_v, write_at, memory_valid)
             kv = (k_rot[:, 0], v[:, 0])
             if update_cache:

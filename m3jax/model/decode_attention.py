@@ -48,10 +48,6 @@ def fits(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     return head_dim_parts(head_dim) is not None and num_heads // num_kv_heads <= MAX_GROUP
 
 
-def _rows(group: int) -> int:
-    return max(16, 1 << (group - 1).bit_length())
-
-
 class Tiling(NamedTuple):
     """Defaults: the fastest of 36 tilings in benchmarks/decode_attention_gpu.py on an H200 (RESULTS.md)."""
     block_keys: int = 64  # keys per loop step
@@ -66,7 +62,7 @@ def _kernel(write_at_ref, qkv_ref, k_ref, v_ref, *refs, parts, group, kv_heads, 
 
     valid_ref, refs = (refs[0], refs[1:]) if memory_slots else (None, refs)
     block, splits = tiling.block_keys, tiling.splits
-    rows = _rows(group)
+    rows = dm.dot_rows(group)
     write_at = write_at_ref[pl.program_id(0)]
     split = pl.program_id(2) if splits > 1 else 0
     row_ok = jnp.arange(rows) < group

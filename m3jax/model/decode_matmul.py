@@ -35,8 +35,8 @@ def resolve_impl(impl: str, platform: str | None = None, what: str = "decode mat
     return "pallas" if (platform or jax.default_backend()) == "gpu" else "xla"
 
 
-def _rows(m: int) -> int:
-    """Rows the kernel computes: a power of two >= 16 (Triton's tensor-core dot needs 16)."""
+def dot_rows(m: int) -> int:
+    """Rows a Triton kernel computes for m: a power of two >= 16 (Triton's tensor-core dot needs 16)."""
     return max(16, 1 << (m - 1).bit_length())
 
 
@@ -46,7 +46,7 @@ def pick_tiling(m: int, k: int, n: int, blocks_wanted: int = 100) -> Tiling | No
     blocks_wanted: the sweep of benchmarks/decode_matmul_gpu.py on an H200 (132 SMs) favoured 100-175
     blocks of 128 columns x 64-row steps: more splits cost more in partial sums than they gain.
     """
-    if _rows(m) > MAX_ROWS:
+    if dot_rows(m) > MAX_ROWS:
         return None
     block_n = next((b for b in (128, 64, 32) if n % b == 0), None)
     block_k = next((b for b in (64, 32) if k % b == 0), None)
@@ -79,7 +79,7 @@ def pallas_matmul(x, w, tiling: Tiling, interpret: bool = False, out_dtype=None)
 
     m, k = x.shape
     n = w.shape[1]
-    rows = _rows(m)
+    rows = dot_rows(m)
     if rows != m:
         x = jnp.pad(x, ((0, rows - m), (0, 0)))
     bn, bk, s = tiling.block_n, tiling.block_k, tiling.splits
