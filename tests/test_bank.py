@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -12,10 +13,10 @@ from flax import nnx
 from m3jax import config as config_lib
 from m3jax.memory.bank import BankCorruptError, BankError, BankMismatchError, MemoryBank, reference_hashes
 from m3jax.memory.build import build_bank, compression_report
-from m3jax.memory.cache import NO_REFERENCE, CachedBankReader, Prefetcher
+from m3jax.memory.cache import NO_REFERENCE, CachedBankReader, Prefetcher, to_device
 from m3jax.memory.fingerprint import weights_fingerprint
 from m3jax.memory.write import write_memories
-from m3jax.model.lm import Memory3
+from m3jax.model.lm import Memory3, MemoryInputs
 
 N_REFS = 96
 
@@ -184,3 +185,17 @@ def test_cache_and_prefetch(setup, tmp_path):
     np.testing.assert_array_equal(np.asarray(out[1].kv), reader.gather(batches[1])[0])
     with pytest.raises(IndexError, match="outside the bank"):
         list(Prefetcher(reader, [np.array([[[1000]]])]))
+
+
+def test_to_device_joins_the_pieces_in_order():
+    rng = np.random.default_rng(0)
+    kv = rng.standard_normal((7, 3, 5)).astype(ml_dtypes.bfloat16)
+    valid = rng.random((7, 3)) < 0.5
+    inputs = to_device(MemoryInputs(kv, valid, 2), parts=3, min_bytes=0)  # 7 rows in pieces of 3, 2, 2
+    assert isinstance(inputs, MemoryInputs) and inputs.window == 2
+    assert isinstance(inputs.kv, jax.Array) and inputs.kv.dtype == kv.dtype and inputs.valid.dtype == bool
+    np.testing.assert_array_equal(np.asarray(inputs.kv).view(np.uint16), kv.view(np.uint16))
+    np.testing.assert_array_equal(np.asarray(inputs.valid), valid)
+    small = to_device({"x": np.arange(4), "s": np.float32(3)}, parts=8, min_bytes=0)  # fewer rows than parts
+    np.testing.assert_array_equal(np.asarray(small["x"]), np.arange(4))
+    assert float(small["s"]) == 3.0
