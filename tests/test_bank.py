@@ -175,6 +175,12 @@ def test_cache_and_prefetch(setup, tmp_path):
     np.testing.assert_array_equal(again.astype(np.float32), got.astype(np.float32))
     np.testing.assert_array_equal(again_valid, got_valid)
     assert uncached.misses == 3 and not uncached._cache
+    repeats = np.array([[9, 2, 9], [40, 2, 5]])  # no NO_REFERENCE, nothing cached: the bank read is the table
+    cold, cold_valid = uncached.gather(repeats)
+    want, want_valid = bank.read(repeats.reshape(-1), ml_dtypes.bfloat16)
+    assert cold.shape == (2, 3, *bank.memory_shape) and cold.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(cold.reshape(want.shape).view(np.uint16), want.view(np.uint16))
+    np.testing.assert_array_equal(cold_valid.reshape(want_valid.shape), want_valid)
     as_f32, _ = bank.read(np.array([7, 4]))
     as_bf16, _ = bank.read(np.array([7, 4]), ml_dtypes.bfloat16)
     assert as_f32.dtype == np.float32 and as_bf16.dtype == ml_dtypes.bfloat16
