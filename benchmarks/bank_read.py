@@ -5,11 +5,14 @@ waits for in `benchmarks/decode_gpu.py` (batch 32 x 2 chunks x 5 references of `
 
 Writes a bank of random bf16 memories, then times (median of --reps, after one warm-up):
 - `reader`: `CachedBankReader(capacity=0).gather`, the product's path: each distinct id read once
-  (the read's array is the table), then indexed into the batch's order;
+  (the read's array is the table), then indexed into the batch's order; `distinct`: the same without
+  that indexing (what `gather_on_device` does on the host);
 - `zeroed_table`: the path before it, which filled a zeroed table from the read (one more pass);
 - `split_N`: the distinct ids read as N concurrent TensorStore reads, concatenated, indexed;
-- `device_put` (on an accelerator): copying the gathered memories to the device as one array, and
-  `to_device_N`: as N pieces in one call, joined there (what generation does).
+- on an accelerator, the whole way to the device: `device_put` (gathered on the host, copied as one
+  array), `host_order_pieces_N` (gathered on the host, copied as N pieces joined there: the previous
+  path) and `on_device` (`gather_on_device`, what generation does now: the distinct memories copied as
+  8 pieces, put in the batch's order on the device).
 Prints JSON.
 """
 from __future__ import annotations
@@ -23,12 +26,13 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from m3jax import config as config_lib
 from m3jax.memory.bank import MemoryBank
-from m3jax.memory.cache import CachedBankReader, to_device
+from m3jax.memory.cache import CachedBankReader
 
 
 def median_s(fn, reps: int) -> float:
@@ -79,12 +83,22 @@ def main() -> None:
         result = {"device": jax.devices()[0].device_kind, "cpus": os.cpu_count(), "ids": args.ids,
                   "distinct": len(np.unique(ids)), "mb": got.nbytes / 1e6,
                   "reader_s": median_s(lambda: reader.gather(ids), args.reps),
+                  "distinct_s": median_s(lambda: reader.distinct(ids), args.reps),
                   "zeroed_table_s": median_s(zeroed_table, args.reps),
                   **{f"split_{n}_s": median_s(lambda n=n: split(n), args.reps) for n in (2, 4, 8)}}
         if jax.default_backend() != "cpu":
-            result["device_put_s"] = median_s(lambda: jax.device_put(got).block_until_ready(), args.reps)
-            for n in (2, 4, 8):
-                result[f"to_device_{n}_s"] = median_s(lambda n=n: to_device(got, n).block_until_ready(), args.reps)
+            def host_order_pieces(n):
+                kv, valid = reader.gather(ids)
+                return jnp.concatenate(jax.device_put(np.array_split(kv, n))), jax.device_put(valid)
+
+            on_device = reader.gather_on_device(ids)[0]
+            assert (np.asarray(on_device).view(np.uint16) == got.view(np.uint16)).all()
+            result["device_put_s"] = median_s(lambda: jax.block_until_ready(jax.device_put(reader.gather(ids))),
+                                              args.reps)
+            for n in (4, 8):
+                result[f"host_order_pieces_{n}_s"] = median_s(lambda n=n: jax.block_until_ready(host_order_pieces(n)),
+                                                              args.reps)
+            result["on_device_s"] = median_s(lambda: jax.block_until_ready(reader.gather_on_device(ids)), args.reps)
         print(json.dumps(result))
     finally:
         shutil.rmtree(path, ignore_errors=True)

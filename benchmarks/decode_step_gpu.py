@@ -29,6 +29,9 @@ VARIANTS = {  # name: XLA flags, or (XLA flags, model config overrides)
     "no_command_buffers": "--xla_gpu_enable_command_buffer=",
     "command_buffers_with_loops": f"--xla_gpu_enable_command_buffer={CMD_ALL} --xla_gpu_graph_min_graph_size=1",
     "cublas": "--xla_gpu_enable_triton_gemm=false",
+    # CUDA graphs for shorter runs of kernels: the Pallas kernels split a layer's fusions into runs of 1-2.
+    "graphs_min_1": "--xla_gpu_graph_min_graph_size=1",
+    "graphs_min_2": "--xla_gpu_graph_min_graph_size=2",
 }
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 from m3jax import config as config_lib
 from m3jax.memory.bank import BankCorruptError, BankError, BankMismatchError, MemoryBank, reference_hashes
 from m3jax.memory.build import build_bank, compression_report
-from m3jax.memory.cache import NO_REFERENCE, CachedBankReader, Prefetcher, to_device
+from m3jax.memory.cache import NO_REFERENCE, CachedBankReader, Prefetcher, take_on_device
 from m3jax.memory.fingerprint import weights_fingerprint
 from m3jax.memory.write import write_memories
 from m3jax.model.lm import Memory3, MemoryInputs
@@ -193,15 +193,27 @@ def test_cache_and_prefetch(setup, tmp_path):
         list(Prefetcher(reader, [np.array([[[1000]]])]))
 
 
-def test_to_device_joins_the_pieces_in_order():
+def test_take_on_device_equals_indexing_on_the_host():
     rng = np.random.default_rng(0)
-    kv = rng.standard_normal((7, 3, 5)).astype(ml_dtypes.bfloat16)
-    valid = rng.random((7, 3)) < 0.5
-    inputs = to_device(MemoryInputs(kv, valid, 2), parts=3, min_bytes=0)  # 7 rows in pieces of 3, 2, 2
-    assert isinstance(inputs, MemoryInputs) and inputs.window == 2
-    assert isinstance(inputs.kv, jax.Array) and inputs.kv.dtype == kv.dtype and inputs.valid.dtype == bool
-    np.testing.assert_array_equal(np.asarray(inputs.kv).view(np.uint16), kv.view(np.uint16))
-    np.testing.assert_array_equal(np.asarray(inputs.valid), valid)
-    small = to_device({"x": np.arange(4), "s": np.float32(3)}, parts=8, min_bytes=0)  # fewer rows than parts
-    np.testing.assert_array_equal(np.asarray(small["x"]), np.arange(4))
-    assert float(small["s"]) == 3.0
+    table = rng.standard_normal((13, 3, 5)).astype(ml_dtypes.bfloat16)
+    valid = rng.random((13, 3)) < 0.5
+    inverse = rng.integers(0, 13, (2, 4, 3))  # repeats, and rows in no order
+    inverse[0, 0, 0], inverse[1, 3, 2] = 12, 0  # the table's last and first rows
+    for parts, min_bytes in ((3, 0), (8, 0), (3, table.nbytes + 1)):  # pieces of 8 (padded), of 8, one piece
+        kv, got_valid = take_on_device(table, valid, inverse, parts=parts, min_bytes=min_bytes)
+        assert isinstance(kv, jax.Array) and kv.shape == (2, 4, 3, 3, 5) and kv.dtype == table.dtype
+        np.testing.assert_array_equal(np.asarray(kv).view(np.uint16), table[inverse].view(np.uint16))
+        np.testing.assert_array_equal(np.asarray(got_valid), valid[inverse])
+
+
+def test_reader_on_device_matches_the_host_gather(setup, tmp_path):
+    bank = build(setup, tmp_path / "bank")
+    ids = np.array([[[4, 7, NO_REFERENCE], [7, 4, 9]], [[2, 2, 2], [NO_REFERENCE] * 3]])
+    for capacity in (0, 3):  # cold reads; then a cache holding some of the ids
+        reader = CachedBankReader(bank, capacity=capacity)
+        reader.gather(np.array([7, 2]))
+        want, want_valid = reader.gather(ids)
+        inputs = reader.memory_inputs(ids, 2, on_device=True)
+        assert isinstance(inputs.kv, jax.Array) and inputs.window == 2
+        np.testing.assert_array_equal(np.asarray(inputs.kv).view(np.uint16), want.view(np.uint16))
+        np.testing.assert_array_equal(np.asarray(inputs.valid), want_valid)

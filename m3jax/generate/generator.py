@@ -26,7 +26,6 @@ from flax import nnx
 
 from m3jax.config import sink_len
 from m3jax.generate.sampling import check_sampling, next_token
-from m3jax.memory.cache import to_device
 
 MODES = ("memory", "none", "rag")
 
@@ -161,7 +160,7 @@ class Generator:
                 prompts = [self._rag_prompt(p, row, max_new_tokens) for p, row in zip(prompts, ids)]
                 tokens, lengths = self._pad(prompts)
             else:
-                memory = to_device(self.source.reader.memory_inputs(ids))
+                memory = self.source.reader.memory_inputs(ids, on_device=True)
                 # Decoding starts with the memories of each prompt's last chunk: already read, not read again.
                 rows, last_chunk = np.arange(len(prompts)), (lengths - 1) // self.chunk
                 first_kv = (memory.kv[rows, last_chunk], memory.valid[rows, last_chunk])
@@ -192,7 +191,7 @@ class Generator:
                     queries = [[] if self.eos_id in row[:fed] else row[fed - self.chunk:fed] for row in new]
                     last = self.source.retrieve(queries)
                     retrievals.append(last)
-                memory_kv = first_kv if fed == 0 else to_device(self.source.reader.gather(last))
+                memory_kv = first_kv if fed == 0 else self.source.reader.gather_on_device(last)
                 took("retrieval", t0)
             t0 = time.perf_counter()
             steps = min(self.chunk, max_new_tokens - done)

@@ -1,7 +1,8 @@
 """Reading memories for a batch: gather by reference id through an LRU RAM cache, prefetch to the device.
 
 Neighbouring chunks often retrieve the same references (SPEC 4), so a batch's ids are deduplicated,
-cached ones are served from RAM, and only the rest is read from the bank, in one request. A
+cached ones are served from RAM, and only the rest is read from the bank, in one request; on the way
+to the device only the distinct memories are copied, and the device puts them in the batch's order. A
 `Prefetcher` does this for the next batches in a background thread while the device computes.
 """
 from __future__ import annotations
@@ -31,25 +32,36 @@ class CachedBankReader:
 
     def gather(self, ids):
         """ids: integer array of any shape (NO_REFERENCE allowed) -> memories (*ids.shape, *memory_shape) in
-        `dtype` and slot validity (*ids.shape, tokens_per_head)."""
+        `dtype` and slot validity (*ids.shape, tokens_per_head), on the host."""
+        table, valid, inverse = self.distinct(ids)
+        return table[inverse], valid[inverse]
+
+    def gather_on_device(self, ids, parts: int = 8, min_bytes: int = 1 << 24):
+        """`gather` as device arrays: only the distinct memories are copied, indexed there (`take_on_device`)."""
+        return take_on_device(*self.distinct(ids), parts=parts, min_bytes=min_bytes)
+
+    def distinct(self, ids):
+        """ids -> (table, valid, inverse): one row per distinct id and `inverse` (ids.shape, int32) indexing
+        it, so that table[inverse] is what `gather` returns."""
         ids = np.asarray(ids)
         if not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"reference ids must be integers, got {ids.dtype}")
         with self._lock:
-            return self._gather(ids)
+            table, valid, inverse = self._distinct(ids)
+        return table, valid, inverse.reshape(ids.shape).astype(np.int32)
 
-    def _gather(self, ids):
+    def _distinct(self, ids):
         shape = self.bank.memory_shape
         unique, inverse = np.unique(ids.reshape(-1), return_inverse=True)
         # One table row per distinct id (zeros and no valid slot for NO_REFERENCE), filled from the cache
-        # or by one bank read in the reader's dtype; the output is the table indexed by `inverse`. When
-        # every distinct id is read (cache off or cold), the read's own array is the table: no extra pass.
+        # or by one bank read in the reader's dtype. When every distinct id is read (cache off, or
+        # cold), the read's own array is the table: no extra pass over it.
         real = np.flatnonzero(unique != NO_REFERENCE)
         cached = np.array([int(unique[j]) in self._cache for j in real], bool)
         missing = real[~cached]
         self.hits += int(cached.sum())
         self.misses += len(missing)
-        if len(missing) == len(unique):  # all read from the bank (cache off, or cold): its read is the table
+        if len(missing) == len(unique):
             table, valid = self.bank.read(unique, self.dtype)
         else:
             table = np.zeros((len(unique), *shape), self.dtype)
@@ -66,29 +78,46 @@ class CachedBankReader:
                 self._cache.move_to_end(i)
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
-        inverse = inverse.reshape(-1)
-        return table[inverse].reshape(ids.shape + shape), valid[inverse].reshape(ids.shape + shape[3:4])
+        return table, valid, inverse
 
-    def memory_inputs(self, ids, window: int = 1) -> MemoryInputs:
-        """ids: (B, C, R) -> MemoryInputs on the host, ready for `jax.device_put`."""
+    def memory_inputs(self, ids, window: int = 1, *, on_device: bool = False) -> MemoryInputs:
+        """ids: (B, C, R) -> MemoryInputs, on the host (ready for `jax.device_put` with a sharding) or
+        on the default device."""
         ids = np.asarray(ids)
         if ids.ndim != 3:
             raise ValueError(f"ids must have shape (batch, chunks, references per chunk), got {ids.shape}")
-        memories, valid = self.gather(ids)
+        memories, valid = self.gather_on_device(ids) if on_device else self.gather(ids)
         return MemoryInputs(memories, valid, window)
 
 
-def to_device(tree, parts: int = 8, min_bytes: int = 1 << 24):
-    """`jax.device_put` of host arrays, each of at least `min_bytes` as `parts` pieces along its leading
-    axis joined on the device. JAX copies separate host arrays concurrently and one pageable array in
-    a single stream: a batch's 144 MB of memories reaches an H200 in a third of the time
-    (benchmarks/bank_read.py). Smaller arrays go as they are."""
-    def put(x):
-        x = np.asarray(x)
-        if x.ndim == 0 or x.nbytes < min_bytes or len(x) < parts:
-            return jax.device_put(x)
-        return jnp.concatenate(jax.device_put(np.array_split(x, parts)))
-    return jax.tree.map(put, tree)
+def take_on_device(table, valid, inverse, *, parts: int = 8, min_bytes: int = 1 << 24):
+    """(table[inverse], valid[inverse]) on the default device, indexed there: the host copies only the
+    distinct rows, with no pass over them to put them in order. A table of at least `min_bytes` goes as
+    `parts` pieces in one `jax.device_put`, since JAX copies separate host arrays concurrently and one
+    pageable array in a single stream (benchmarks/bank_read.py: 144 MB reach an H200 in a third of the
+    time). Pieces are a multiple of 8 rows (zero padding), so few shapes compile."""
+    if table.nbytes < min_bytes:
+        parts = 1
+    size = _round_up(max(1, -(-len(table) // parts)), 8)
+    pieces = [_pad_rows(table[p * size:(p + 1) * size], size) for p in range(parts)]
+    on_device = jax.device_put((pieces, _pad_rows(valid, parts * size), np.asarray(inverse, np.int32)))
+    return _joined_take(*on_device)
+
+
+@jax.jit
+def _joined_take(pieces, valid, inverse):
+    return jnp.concatenate(pieces)[inverse], valid[inverse]
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pad_rows(x, rows: int):
+    """x with zero rows appended up to `rows` (x itself when it has them: no copy)."""
+    if len(x) == rows:
+        return x
+    return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)])
 
 
 class Prefetcher:
@@ -105,9 +134,10 @@ class Prefetcher:
                 for ids in id_batches:
                     if self._stop.is_set():
                         return
-                    inputs = reader.memory_inputs(ids, window)
-                    self._queue.put(jax.device_put(inputs, sharding) if sharding is not None else
-                                    to_device(inputs))
+                    if sharding is None:
+                        self._queue.put(reader.memory_inputs(ids, window, on_device=True))
+                    else:
+                        self._queue.put(jax.device_put(reader.memory_inputs(ids, window), sharding))
             except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
                 self._queue.put(e)
                 return
