@@ -82,11 +82,14 @@ def _kernel(write_at_ref, qkv_ref, k_ref, v_ref, *refs, parts, group, kv_heads, 
         total = jnp.where(first, total, 0 * ones)
         acc = [jnp.where(first, a, 0 * a) for a in acc]
 
+    precision = dm.float32_precision(k_ref.dtype)
+
     def step(start, ok, carry):
         top, total, acc = carry
         keys = pl.ds(start, block)
         scores = sum(jax.lax.dot_general(qp, plgpu.load(k_ref.at[keys, pl.ds(off, size)], mask=ok[:, None], other=0),
-                                         (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+                                         (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                                         precision=precision)
                      for qp, (off, size) in zip(q, parts))
         scores = jnp.where(ok[None, :], scores * scale, _NEG)
         new_top = jnp.maximum(top, scores.max(axis=1))
@@ -95,7 +98,8 @@ def _kernel(write_at_ref, qkv_ref, k_ref, v_ref, *refs, parts, group, kv_heads, 
         total = total * decay + weights.sum(axis=1)
         weights = weights.astype(v_ref.dtype)
         acc = [a * decay[:, None] + jnp.dot(weights, plgpu.load(v_ref.at[keys, pl.ds(off, size)], mask=ok[:, None],
-                                                               other=0), preferred_element_type=jnp.float32)
+                                                               other=0), preferred_element_type=jnp.float32,
+                           precision=precision)
                for a, (off, size) in zip(acc, parts)]
         return new_top, total, acc
 

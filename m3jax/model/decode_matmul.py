@@ -60,12 +60,20 @@ def pick_tiling(m: int, k: int, n: int, blocks_wanted: int = 100) -> Tiling | No
     return Tiling(block_n, block_k, splits)
 
 
+def float32_precision(dtype):
+    """A decode product's precision for inputs of `dtype`: IEEE for float32 (the GPU default there is
+    TF32, 10 mantissa bits, off by ~1e-3 from what float32 callers expect); the default for bf16."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def _kernel(x_ref, w_ref, o_ref, *, block_k: int, steps: int):
     from jax.experimental import pallas as pl
 
+    precision = float32_precision(x_ref.dtype)
+
     def body(i, acc):
         ks = pl.ds(i * block_k, block_k)
-        return acc + jnp.dot(x_ref[:, ks], w_ref[ks, :], preferred_element_type=jnp.float32)
+        return acc + jnp.dot(x_ref[:, ks], w_ref[ks, :], preferred_element_type=jnp.float32, precision=precision)
 
     o_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
 
@@ -112,7 +120,8 @@ def decode_matmul(x, w, impl: str, out_dtype=None):
     if tiling is None:
         if impl not in ("xla", "pallas"):
             raise ValueError(f"unknown decode matmul {impl!r}; expected 'xla' or 'pallas'")
-        y = jnp.dot(x2, w2.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
+        y = jnp.dot(x2, w2.astype(x.dtype), preferred_element_type=jnp.float32,
+                    precision=float32_precision(x.dtype)).astype(out_dtype or x.dtype)
     else:
         y = pallas_matmul(x2, w2, tiling, jax.default_backend() != "gpu", jnp.dtype(out_dtype or x.dtype))
     return y.reshape(*lead, *w.shape[1:])
