@@ -2,7 +2,7 @@
 + 24 memory slots with memory): the Pallas kernel's tilings against XLA's path (einsums, softmax and the
 two scatters writing the new key and value).
 
-    python benchmarks/decode_attention_gpu.py [--layers 8] [--json FILE]
+    python benchmarks/decode_attention_gpu.py [--layers 8] [--json FILE] [--skip_sweep]
 
 One jitted call runs `--layers` layers, each with its own cache, donated and updated in place as in a
 decoding step. Microseconds per layer are GPU kernel time from a profiler trace (all kernels of the
@@ -89,10 +89,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--skip_sweep", action="store_true", help="only the default tiling against XLA's path")
     args = parser.parse_args()
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     report = {"sweep": [], "cases": []}
-    for block, splits, warps, stages in itertools.product((32, 64, 128), (1, 2, 4), (2, 4), (2, 3)):
+    tilings = [] if args.skip_sweep else itertools.product((32, 64, 128), (1, 2, 4), (2, 4), (2, 3))
+    for block, splits, warps, stages in tilings:
         tiling = da.Tiling(block, splits, warps, stages)
         us = us_per_layer(pallas_path(tiling), 200, False, args.layers)
         report["sweep"].append({"tiling": tiling._asdict(), "us_per_layer": us})
