@@ -84,10 +84,14 @@ def _kernel(write_at_ref, qkv_ref, k_ref, v_ref, *refs, parts, group, kv_heads, 
 
     precision = dm.float32_precision(k_ref.dtype)
 
-    def step(start, ok, carry):
+    def step(keys, ok, carry):  # keys: the block's cache rows (a slice, or a vector of row indices)
         top, total, acc = carry
-        keys = pl.ds(start, block)
-        scores = sum(jax.lax.dot_general(qp, plgpu.load(k_ref.at[keys, pl.ds(off, size)], mask=ok[:, None], other=0),
+
+        def load(ref, off, size):
+            if isinstance(keys, pl.Slice):
+                return plgpu.load(ref.at[keys, pl.ds(off, size)], mask=ok[:, None], other=0)
+            return plgpu.load(ref.at[keys[:, None], off + jnp.arange(size)[None, :]], mask=ok[:, None], other=0)
+        scores = sum(jax.lax.dot_general(qp, load(k_ref, off, size),
                                          (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                                          precision=precision)
                      for qp, (off, size) in zip(q, parts))
@@ -97,8 +101,7 @@ def _kernel(write_at_ref, qkv_ref, k_ref, v_ref, *refs, parts, group, kv_heads, 
         decay = jnp.exp(top - new_top)
         total = total * decay + weights.sum(axis=1)
         weights = weights.astype(v_ref.dtype)
-        acc = [a * decay[:, None] + jnp.dot(weights, plgpu.load(v_ref.at[keys, pl.ds(off, size)], mask=ok[:, None],
-                                                               other=0), preferred_element_type=jnp.float32,
+        acc = [a * decay[:, None] + jnp.dot(weights, load(v_ref, off, size), preferred_element_type=jnp.float32,
                            precision=precision)
                for a, (off, size) in zip(acc, parts)]
         return new_top, total, acc
@@ -106,21 +109,24 @@ def _kernel(write_at_ref, qkv_ref, k_ref, v_ref, *refs, parts, group, kv_heads, 
     def blocks_of_this_split(n):  # blocks split, split + splits, ... below n
         return pl.cdiv(jnp.maximum(n - split, 0), splits)
 
-    def stream_block(t, carry):  # keys before this token
+    # One pass over the keys this token reads: the stream so far (cache rows < write_at), then the
+    # memory slots (the cache's tail), as one sequence of blocks: the stream's last block is topped up
+    # with memories rather than followed by a block of its own.
+    memory_start = k_ref.shape[0] - memory_slots
+
+    def key_block(t, carry):
         start = (split + t * splits) * block
-        return step(start, start + jnp.arange(block) < write_at, carry)
+        at = start + jnp.arange(block)
+        in_stream = at < write_at
+        if not memory_slots:
+            return step(pl.ds(start, block), in_stream, carry)
+        slot = at - write_at
+        in_memory = (slot >= 0) & (slot < memory_slots)
+        valid = plgpu.load(valid_ref.at[jnp.clip(slot, 0, memory_slots - 1)], mask=in_memory, other=0)
+        return step(jnp.where(in_stream, at, memory_start + slot), in_stream | (in_memory & (valid != 0)), carry)
 
-    carry = jax.lax.fori_loop(0, blocks_of_this_split(pl.cdiv(write_at, block)), stream_block, (top, total, acc))
-    if memory_slots:
-        memory_start = k_ref.shape[0] - memory_slots  # memories fill the cache's tail
-
-        def memory_block(t, carry):
-            start = (split + t * splits) * block
-            slot = start + jnp.arange(block)
-            valid = plgpu.load(valid_ref.at[pl.ds(start, block)], mask=slot < memory_slots, other=0)
-            return step(memory_start + start, (slot < memory_slots) & (valid != 0), carry)
-
-        carry = jax.lax.fori_loop(0, blocks_of_this_split(pl.cdiv(memory_slots, block)), memory_block, carry)
+    carry = jax.lax.fori_loop(0, blocks_of_this_split(pl.cdiv(write_at + memory_slots, block)), key_block,
+                              (top, total, acc))
     top, total, acc = carry
     if splits == 1:
         o_ref, k_out_ref, v_out_ref = refs
