@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from m3jax import config as config_lib
+from m3jax.memory import cache as cache_lib
 from m3jax.memory.bank import BankCorruptError, BankError, BankMismatchError, MemoryBank, reference_hashes
 from m3jax.memory.build import build_bank, compression_report
 from m3jax.memory.cache import NO_REFERENCE, CachedBankReader, Prefetcher, take_on_device
@@ -204,6 +205,13 @@ def test_take_on_device_equals_indexing_on_the_host():
         assert isinstance(kv, jax.Array) and kv.shape == (2, 4, 3, 3, 5) and kv.dtype == table.dtype
         np.testing.assert_array_equal(np.asarray(kv).view(np.uint16), table[inverse].view(np.uint16))
         np.testing.assert_array_equal(np.asarray(got_valid), valid[inverse])
+    # Small tables are padded to a power of two: 17, 25 and 30 distinct rows share one compiled shape.
+    big = rng.standard_normal((30, 3, 5)).astype(ml_dtypes.bfloat16)
+    compiled = cache_lib._joined_take._cache_size()
+    for n in (17, 25, 30):
+        kv, _ = take_on_device(big[:n], np.ones((n, 3), bool), inverse % n)
+        np.testing.assert_array_equal(np.asarray(kv).view(np.uint16), big[:n][inverse % n].view(np.uint16))
+    assert cache_lib._joined_take._cache_size() - compiled == 1
 
 
 def test_reader_on_device_matches_the_host_gather(setup, tmp_path):

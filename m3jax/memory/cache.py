@@ -95,10 +95,12 @@ def take_on_device(table, valid, inverse, *, parts: int = 8, min_bytes: int = 1 
     distinct rows, with no pass over them to put them in order. A table of at least `min_bytes` goes as
     `parts` pieces in one `jax.device_put`, since JAX copies separate host arrays concurrently and one
     pageable array in a single stream (benchmarks/bank_read.py: 144 MB reach an H200 in a third of the
-    time). Pieces are a multiple of 8 rows (zero padding), so few shapes compile."""
+    time). Rows are zero-padded so that few shapes compile: pieces to a multiple of 8 rows, and a small
+    table to a power of two (its padding costs nothing worth saving)."""
     if table.nbytes < min_bytes:
-        parts = 1
-    size = _round_up(max(1, -(-len(table) // parts)), 8)
+        parts, size = 1, max(8, 1 << (len(table) - 1).bit_length())
+    else:
+        size = _round_up(-(-len(table) // parts), 8)
     pieces = [_pad_rows(table[p * size:(p + 1) * size], size) for p in range(parts)]
     on_device = jax.device_put((pieces, _pad_rows(valid, parts * size), np.asarray(inverse, np.int32)))
     return _joined_take(*on_device)
