@@ -100,7 +100,7 @@ def take_on_device(table, valid, inverse, *, parts: int = 8, min_bytes: int = 1 
     if table.nbytes < min_bytes:
         parts, size = 1, max(8, 1 << (len(table) - 1).bit_length())
     else:
-        size = _round_up(-(-len(table) // parts), 8)
+        size = 8 * -(-len(table) // (8 * parts))  # ceil(rows / parts), rounded up to a multiple of 8
     pieces = [_pad_rows(table[p * size:(p + 1) * size], size) for p in range(parts)]
     on_device = jax.device_put((pieces, _pad_rows(valid, parts * size), np.asarray(inverse, np.int32)))
     return _joined_take(*on_device)
@@ -109,10 +109,6 @@ def take_on_device(table, valid, inverse, *, parts: int = 8, min_bytes: int = 1 
 @jax.jit
 def _joined_take(pieces, valid, inverse):
     return jnp.concatenate(pieces)[inverse], valid[inverse]
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def _pad_rows(x, rows: int):
