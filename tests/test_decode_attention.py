@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from m3jax.model import decode_attention as da
+from m3jax.model import decode_matmul as dm
 
 
 def naive(q, k_new, v_new, cache_k, cache_v, write_at, memory_valid):
@@ -68,11 +69,12 @@ def test_bfloat16_close_to_naive():
     np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=3e-2)
 
 
-def test_head_dim_parts_and_fits():
-    assert da.head_dim_parts(80) == ((0, 64), (64, 16))
-    assert da.head_dim_parts(128) == ((0, 128),)
-    assert da.head_dim_parts(112) == ((0, 64), (64, 32), (96, 16))
-    assert da.head_dim_parts(40) is None
+def test_power_of_two_parts_and_fits():
+    assert dm.power_of_two_parts(80) == ((0, 64), (64, 16))
+    assert dm.power_of_two_parts(128) == ((0, 128),)
+    assert dm.power_of_two_parts(112) == ((0, 64), (64, 32), (96, 16))
+    assert dm.power_of_two_parts(40) is None
+    assert dm.power_of_two_parts(3200) == ((0, 2048), (2048, 1024), (3072, 128))  # m3_2p4b's hidden size
     assert da.fits(40, 8, 80) and not da.fits(40, 8, 40) and not da.fits(128, 1, 64)
 
 

@@ -121,7 +121,8 @@ class Attention(nnx.Module):
         out = checkpoint_name(self.o_proj(out), "attn_proj")
         return out, ((q, k, k_rot, v) if collect else None)
 
-    def decode(self, x, cos, sin, cache_kv, write_at, memory_valid=None, qkv_kernel=None, update_cache=False):
+    def decode(self, x, cos, sin, cache_kv, write_at, memory_valid=None, qkv_kernel=None, update_cache=False,
+               partials=False):
         """One new token per row against a KV cache (generation).
 
         x: (B, 1, dim); cache_kv: (k, v) each (B, S, Hkv, D), the stream so far; write_at: (B,) the stream
@@ -134,7 +135,8 @@ class Attention(nnx.Module):
         (k, v), each (B, Hkv, D), for the caller to store: an update of a cache stacked over layers inside
         the layer loop makes XLA copy the whole cache once per layer. With `update_cache` (a cache of this
         layer alone), kv is the cache with the token written, by the Pallas kernel when
-        `model.decode_attention` says so (m3jax/model/decode_attention.py).
+        `model.decode_attention` says so (m3jax/model/decode_attention.py). partials (with qkv_kernel): out is
+        the output projection's f32 partial sums instead, `decode_matmul.partial_products` (B, ..., dim).
         """
         b, hq = x.shape[0], self.o_proj.kernel.shape[0]
         if qkv_kernel is None:
@@ -160,6 +162,8 @@ class Attention(nnx.Module):
             out = self.o_proj(out)
         else:
             o_kernel = self.o_proj.kernel[...].reshape(hq * d, -1)
+            if partials:
+                return dm.partial_products(out.reshape(b, hq * d), o_kernel, self.decode_matmul), kv
             out = dm.decode_matmul(out.reshape(b, 1, hq * d), o_kernel, self.decode_matmul)
         return out, kv
 

@@ -30,22 +30,9 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
     return dm.resolve_impl(impl, platform, what="decode attention")
 
 
-def head_dim_parts(head_dim: int) -> tuple[tuple[int, int], ...] | None:
-    """(offset, size) power-of-two parts of the head dim, each >= 16; None when it is not a multiple of 16."""
-    if head_dim % 16:
-        return None
-    parts, offset = [], 0
-    for bit in reversed(range(head_dim.bit_length())):
-        size = 1 << bit
-        if head_dim & size:
-            parts.append((offset, size))
-            offset += size
-    return tuple(parts)
-
-
 def fits(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     """Whether the kernel takes this attention shape (else XLA's path)."""
-    return head_dim_parts(head_dim) is not None and num_heads // num_kv_heads <= MAX_GROUP
+    return dm.power_of_two_parts(head_dim) is not None and num_heads // num_kv_heads <= MAX_GROUP
 
 
 class Tiling(NamedTuple):
@@ -219,7 +206,7 @@ def _pallas_decode_attention(qkv, cache_k, cache_v, write_at, memory_valid, tili
         out_specs = [split_spec(group), split_spec(group), split_spec(group, d)]
         out_shape = [jax.ShapeDtypeStruct((b, hkv, splits, group), jnp.float32)] * 2 + \
             [jax.ShapeDtypeStruct((b, hkv, splits, group, d), jnp.float32)]
-    kernel = functools.partial(_kernel, parts=head_dim_parts(d), group=group, kv_heads=hkv, tiling=tiling,
+    kernel = functools.partial(_kernel, parts=dm.power_of_two_parts(d), group=group, kv_heads=hkv, tiling=tiling,
                                scale=d ** -0.5, memory_slots=memory_slots)
     *outs, cache_k, cache_v = pl.pallas_call(
         kernel,

@@ -60,6 +60,20 @@ def pick_tiling(m: int, k: int, n: int, blocks_wanted: int = 100) -> Tiling | No
     return Tiling(block_n, block_k, splits)
 
 
+def power_of_two_parts(n: int) -> tuple[tuple[int, int], ...] | None:
+    """(offset, size) power-of-two parts of n, each >= 16 (Triton's blocks are powers of two; its dot needs
+    16); None when n is not a multiple of 16. 80 -> (0, 64), (64, 16)."""
+    if n % 16 or n < 16:
+        return None
+    parts, offset = [], 0
+    for bit in reversed(range(n.bit_length())):
+        size = 1 << bit
+        if n & size:
+            parts.append((offset, size))
+            offset += size
+    return tuple(parts)
+
+
 def float32_precision(dtype):
     """A decode product's precision for inputs of `dtype`: IEEE for float32 (the GPU default there is
     TF32, 10 mantissa bits, off by ~1e-3 from what float32 callers expect); the default for bf16."""
@@ -78,9 +92,9 @@ def _kernel(x_ref, w_ref, o_ref, *, block_k: int, steps: int):
     o_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("tiling", "interpret", "out_dtype"))
-def pallas_matmul(x, w, tiling: Tiling, interpret: bool = False, out_dtype=None):
-    """x: (m, k) @ w: (k, n) -> (m, n) in out_dtype (default x's), accumulated in f32.
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
+def pallas_partials(x, w, tiling: Tiling, interpret: bool = False):
+    """x: (m, k) @ w: (k, n) as the kernel's f32 partial sums, (splits, dot_rows(m), n); rows past m are zero.
     interpret: run on any backend (tests on the CPU)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
@@ -92,7 +106,7 @@ def pallas_matmul(x, w, tiling: Tiling, interpret: bool = False, out_dtype=None)
         x = jnp.pad(x, ((0, rows - m), (0, 0)))
     bn, bk, s = tiling.block_n, tiling.block_k, tiling.splits
     part = k // s
-    partials = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_kernel, block_k=bk, steps=part // bk),
         grid=(n // bn, s),
         in_specs=[pl.BlockSpec((rows, part), lambda j, i: (0, i)),
@@ -103,7 +117,28 @@ def pallas_matmul(x, w, tiling: Tiling, interpret: bool = False, out_dtype=None)
         interpret=interpret,
         name="decode_matmul",
     )(x, w.astype(x.dtype))
-    return partials.sum(axis=0)[:m].astype(out_dtype or x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret", "out_dtype"))
+def pallas_matmul(x, w, tiling: Tiling, interpret: bool = False, out_dtype=None):
+    """x: (m, k) @ w: (k, n) -> (m, n) in out_dtype (default x's), accumulated in f32."""
+    partials = pallas_partials(x, w, tiling, interpret)
+    return partials.sum(axis=0)[:x.shape[0]].astype(out_dtype or x.dtype)
+
+
+def partial_products(x, w, impl: str):
+    """x: (m, k) @ w: (k, n) as f32 partial sums (splits, rows >= m, n): summed over the first axis, rows
+    [:m] are the product. The split-K kernel's sums are left to whatever reads the product (decode_norm
+    adds them into the residual stream); XLA's dot gives one part. impl: as `decode_matmul`."""
+    if x.ndim != 2 or w.ndim != 2 or w.shape[0] != x.shape[1]:
+        raise ValueError(f"partial_products multiplies (m, k) by (k, n), got {x.shape} and {w.shape}")
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"unknown decode matmul {impl!r}; expected 'xla' or 'pallas'")
+    tiling = pick_tiling(*x.shape, w.shape[1]) if impl == "pallas" else None
+    if tiling is None:
+        return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32,
+                       precision=float32_precision(x.dtype))[None]
+    return pallas_partials(x, w, tiling, jax.default_backend() != "gpu")
 
 
 def decode_matmul(x, w, impl: str, out_dtype=None):
@@ -116,12 +151,5 @@ def decode_matmul(x, w, impl: str, out_dtype=None):
     if w.shape[0] != k:
         raise ValueError(f"cannot multiply (..., {k}) by {w.shape}")
     x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
-    tiling = pick_tiling(x2.shape[0], k, w2.shape[1]) if impl == "pallas" else None
-    if tiling is None:
-        if impl not in ("xla", "pallas"):
-            raise ValueError(f"unknown decode matmul {impl!r}; expected 'xla' or 'pallas'")
-        y = jnp.dot(x2, w2.astype(x.dtype), preferred_element_type=jnp.float32,
-                    precision=float32_precision(x.dtype)).astype(out_dtype or x.dtype)
-    else:
-        y = pallas_matmul(x2, w2, tiling, jax.default_backend() != "gpu", jnp.dtype(out_dtype or x.dtype))
+    y = partial_products(x2, w2, impl).sum(axis=0)[:x2.shape[0]].astype(out_dtype or x.dtype)
     return y.reshape(*lead, *w.shape[1:])

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m3jax.model.decode_matmul import decode_matmul
+from m3jax.model.decode_matmul import decode_matmul, partial_products
 from m3jax.sharding import constrain
 
 
@@ -64,12 +64,15 @@ class MLP(nnx.Module):
             h = constrain(h, ("batch", "length", "mlp"))
             return self.down_proj(h)
 
-    def fused(self, x, gate_up_kernel):
-        """The same with gate and up kernels stacked, (dim, 2, hidden): one GEMM (decoding)."""
+    def fused(self, x, gate_up_kernel, partials=False):
+        """The same with gate and up kernels stacked, (dim, 2, hidden): one GEMM (decoding). partials: return
+        the down product as f32 partial sums, `partial_products` (splits, rows >= x's rows, dim)."""
         with jax.named_scope("mlp"):
             dtype = self.down_proj.dtype
             gate_up = decode_matmul(x.astype(dtype), gate_up_kernel, self.decode_matmul)
             h = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+            if partials:
+                return partial_products(h.reshape(-1, h.shape[-1]), self.down_proj.kernel[...], self.decode_matmul)
             return decode_matmul(h, self.down_proj.kernel[...], self.decode_matmul)
 
 

@@ -23,6 +23,7 @@ from flax import nnx
 
 from m3jax.config import memory_layer_range, padded_vocab_size, sink_len, validate
 from m3jax.model.decode_matmul import decode_matmul, resolve_impl
+from m3jax.model.decode_norm import add_and_norm
 from m3jax.model.layers import Linear, RMSNorm, param, rope_angles
 from m3jax.model.masks import AttentionMask, context_mask
 from m3jax.model.sparsify import Selection, slot_valid
@@ -156,12 +157,18 @@ class Memory3(nnx.Module):
         cos, sin = rope_angles(self.position_of(write_at)[:, None], self.cfg.model.head_dim, self.cfg.model.rope_theta)
         h = self._embed(tokens[:, None].astype(jnp.int32))
         new_cache = []
-        for i, (seg, seg_kv) in enumerate(zip(self.layers, cache)):
-            h, seg_kv = seg.decode(h, cos, sin, seg_kv, write_at, memory_valid if seg.is_memory else None,
-                                   None if layer_states is None else layer_states[i])
+        if layer_states is None:
+            for seg, seg_kv in zip(self.layers, cache):
+                h, seg_kv = seg.decode(h, cos, sin, seg_kv, write_at, memory_valid if seg.is_memory else None)
+                new_cache.append(seg_kv)
+            return self._logits(self.norm(h))[:, 0], new_cache
+        pending = None  # each layer's last product, added to h by the next norm (decode_norm)
+        for seg, seg_kv, states in zip(self.layers, cache, layer_states):
+            h, pending, seg_kv = seg.decode_fused(h, pending, cos, sin, seg_kv, write_at,
+                                                  memory_valid if seg.is_memory else None, states)
             new_cache.append(seg_kv)
-        h = self.norm(h)
-        if layer_states is None or self.cfg.model.tie_embeddings:  # a tied head is transposed: XLA's dot
+        _, h = add_and_norm(h, pending, self.norm, self.decode_matmul)
+        if self.cfg.model.tie_embeddings:  # a tied head is transposed: XLA's dot
             return self._logits(h)[:, 0], new_cache
         return decode_matmul(h[:, 0], self.lm_head.kernel[...], self.decode_matmul, out_dtype=jnp.float32), new_cache
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m3jax.model.attention import Attention
+from m3jax.model.decode_norm import add_and_norm
 from m3jax.model.layers import MLP, RMSNorm
 from m3jax.model.sparsify import select_tokens
 from m3jax.sharding import constrain
@@ -33,14 +34,24 @@ class Block(nnx.Module):
         h = h + self.mlp(self.post_attention_layernorm(h))
         return constrain(h, ("batch", "length", "embed")), aux
 
-    def decode(self, h, cos, sin, cache_kv, write_at, memory_valid=None, fused=None, update_cache=False):
-        """fused: None, or this layer's `fuse_decode_weights` kernels (then the state's are placeholders);
-        update_cache: as `Attention.decode`."""
-        a, cache_kv = self.self_attn.decode(self.input_layernorm(h), cos, sin, cache_kv, write_at, memory_valid,
-                                            None if fused is None else fused["qkv"], update_cache)
+    def decode(self, h, cos, sin, cache_kv, write_at, memory_valid=None):
+        """One token per row over the stacked weights (a scan step): the cache is only read; returns (h,
+        this token's (k, v)) as `Attention.decode` does."""
+        a, kv = self.self_attn.decode(self.input_layernorm(h), cos, sin, cache_kv, write_at, memory_valid)
         h = h + a
-        x = self.post_attention_layernorm(h)
-        return h + (self.mlp(x) if fused is None else self.mlp.fused(x, fused["gate_up"])), cache_kv
+        return h + self.mlp(self.post_attention_layernorm(h)), kv
+
+    def decode_fused(self, h, pending, cos, sin, cache_kv, write_at, memory_valid, fused):
+        """The same over this layer's `fuse_decode_weights` kernels (the state's are placeholders), with
+        its own cache updated in place; each residual add is done by the norm after it (decode_norm).
+        pending: the previous layer's last product, not yet added to h, as partial sums (None: nothing).
+        Returns (h, this layer's last product as partial sums, cache_kv)."""
+        impl = self.self_attn.decode_matmul
+        h, x = add_and_norm(h, pending, self.input_layernorm, impl)
+        a, cache_kv = self.self_attn.decode(x, cos, sin, cache_kv, write_at, memory_valid, fused["qkv"],
+                                            update_cache=True, partials=True)
+        h, x = add_and_norm(h, a, self.post_attention_layernorm, impl)
+        return h, self.mlp.fused(x, fused["gate_up"], partials=True), cache_kv
 
 
 _FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
@@ -130,23 +141,12 @@ class LayerStack(nnx.Module):
         state = nnx.state(self.blocks) if state is None else state
         return [fuse_decode_weights(jax.tree.map(lambda x, i=i: x[i], state)) for i in range(self.num_layers)]
 
-    def decode(self, h, cos, sin, cache_kv, write_at, memory_valid=None, layer_states=None):
-        """One token per row through the layers. cache_kv: (k, v) each (layers, B, S, Hkv, D);
-        memory_valid: None, or (B, Nm) when the caches' last Nm positions hold memories. Returns (h, cache_kv).
-
-        Layers only read the cache; the new keys and values of all layers are written once, after the
-        loop, by a scan over the stacked weights. With `layer_states` (from `layer_states()`) the layers run
-        as straight-line code and the weights and the cache are per layer: cache_kv is a list of (k, v)
-        each (B, S, Hkv, D), and each layer updates its own cache in place (`Attention.decode(update_cache=True)`).
-        """
+    def decode(self, h, cos, sin, cache_kv, write_at, memory_valid=None):
+        """One token per row through the layers, scanned over the stacked weights. cache_kv: (k, v) each
+        (layers, B, S, Hkv, D); memory_valid: None, or (B, Nm) when the caches' last Nm positions hold
+        memories. Returns (h, cache_kv). Layers only read the cache; the new keys and values of all layers
+        are written once, after the loop (an update inside it makes XLA copy the stacked cache per layer)."""
         graphdef, state = nnx.split(self.blocks)
-        if layer_states is not None:
-            new_cache = []
-            for (layer_state, fused), layer_kv in zip(layer_states, cache_kv):
-                block = nnx.merge(graphdef, layer_state)
-                h, layer_kv = block.decode(h, cos, sin, layer_kv, write_at, memory_valid, fused, update_cache=True)
-                new_cache.append(layer_kv)
-            return h, new_cache
 
         def layer(h, xs):
             layer_state, k, v = xs
@@ -157,3 +157,15 @@ class LayerStack(nnx.Module):
         cache_k = cache_kv[0].at[:, rows, write_at].set(new_k.astype(cache_kv[0].dtype))
         cache_v = cache_kv[1].at[:, rows, write_at].set(new_v.astype(cache_kv[1].dtype))
         return h, (cache_k, cache_v)
+
+    def decode_fused(self, h, pending, cos, sin, cache_kv, write_at, memory_valid, layer_states):
+        """The same as straight-line code over `layer_states()` (per-layer weights, fused q/k/v and gate/up
+        kernels), with a cache per layer: cache_kv is a list of (k, v) each (B, S, Hkv, D), each updated in
+        place. pending, and the result (h, pending, cache_kv): as `Block.decode_fused`."""
+        graphdef, _ = nnx.split(self.blocks)
+        new_cache = []
+        for (layer_state, fused), layer_kv in zip(layer_states, cache_kv):
+            block = nnx.merge(graphdef, layer_state)
+            h, pending, layer_kv = block.decode_fused(h, pending, cos, sin, layer_kv, write_at, memory_valid, fused)
+            new_cache.append(layer_kv)
+        return h, pending, new_cache

@@ -1,0 +1,82 @@
+"""Decoding's residual add and RMSNorm as one kernel: h + (a product's split-K partial sums), then the norm.
+
+Between two weight products of a decoding step XLA ran the residual add and the norm as two small
+kernels of ~2 us each (88 pairs per step of `m3_2p4b`, ~0.34 ms of a 2.7 ms step: benchmarks/RESULTS.md);
+at batch 32 their time is latency, not bandwidth. Here one Pallas program per row sums the partials,
+adds them to the residual stream and normalises the result, writing both.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from m3jax.model import decode_matmul as dm
+
+
+def add_and_norm(h, partials, norm, impl: str):
+    """(h + product, norm(h + product)), rounded as `h + product.astype(h.dtype)` then `norm(...)` round.
+
+    h: (..., dim) the residual stream; partials: None (nothing to add), or the product to add as
+    `decode_matmul.partial_products` gives it, (splits, rows >= h's rows, dim) f32; norm: the
+    `layers.RMSNorm` to apply; impl: "pallas" (the kernel where dim splits into power-of-two parts,
+    interpreted off GPU) or "xla".
+    """
+    if partials is None:
+        return h, norm(h)
+    dim = h.shape[-1]
+    h2 = h.reshape(-1, dim)
+    if partials.ndim != 3 or partials.shape[2] != dim or partials.shape[1] < h2.shape[0]:
+        raise ValueError(f"partials of shape {partials.shape} cannot be added to a residual stream of {h.shape}")
+    if impl == "pallas" and dm.power_of_two_parts(dim) is not None:
+        new_h, x = _pallas_add_and_norm(partials, h2, norm.weight[...], eps=norm.eps, out_dtype=jnp.dtype(norm.dtype),
+                                        interpret=jax.default_backend() != "gpu")
+        return new_h.reshape(h.shape), x.reshape(h.shape)
+    new_h = h + partials.sum(axis=0)[:h2.shape[0]].reshape(h.shape).astype(h.dtype)
+    return new_h, norm(new_h)
+
+
+def _kernel(p_ref, h_ref, w_ref, h_out_ref, x_out_ref, *, parts, splits: int, eps: float, dim: int):
+    # Triton's vectors are powers of two (3200 = 2048 + 1024 + 128). Every load comes before any store:
+    # a first version that stored each part before loading the next took 5.3 us a call on an H200.
+    cols = [slice(offset, offset + size) for offset, size in parts]
+    products = [[p_ref[s, c] for s in range(splits)] for c in cols]
+    hs = [h_ref[c].astype(jnp.float32) for c in cols]
+    ws = [w_ref[c].astype(jnp.float32) for c in cols]
+    new_hs, sum_sq = [], 0.0
+    for product, h in zip(products, hs):
+        total = product[0]
+        for p in product[1:]:
+            total += p
+        new_h = (h + total.astype(h_ref.dtype).astype(jnp.float32)).astype(h_out_ref.dtype)
+        new_hs.append(new_h)
+        x32 = new_h.astype(jnp.float32)
+        sum_sq += jnp.sum(x32 * x32)
+    scale = jax.lax.rsqrt(sum_sq / dim + eps)
+    for c, new_h, w in zip(cols, new_hs, ws):
+        h_out_ref[c] = new_h
+        x_out_ref[c] = (new_h.astype(jnp.float32) * scale * w).astype(x_out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "interpret", "num_warps"))
+def _pallas_add_and_norm(partials, h, weight, eps: float, out_dtype, interpret: bool, num_warps: int = 8):
+    # 8 warps: the fastest of 1-16 in benchmarks/decode_norm_gpu.py (an H200; 4 warps gained nothing in a step)
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    splits, _, dim = partials.shape
+    m = h.shape[0]
+    row = lambda i: (i, 0)  # noqa: E731
+    return pl.pallas_call(
+        functools.partial(_kernel, parts=dm.power_of_two_parts(dim), splits=splits, eps=eps, dim=dim),
+        grid=(m,),
+        in_specs=[pl.BlockSpec((splits, None, dim), lambda i: (0, i, 0)),
+                  pl.BlockSpec((None, dim), row),
+                  pl.BlockSpec((dim,), lambda i: (0,))],
+        out_specs=[pl.BlockSpec((None, dim), row), pl.BlockSpec((None, dim), row)],
+        out_shape=[jax.ShapeDtypeStruct((m, dim), h.dtype), jax.ShapeDtypeStruct((m, dim), out_dtype)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="decode_add_norm",
+    )(partials, h, weight)
