@@ -136,7 +136,8 @@ class Attention(nnx.Module):
         the layer loop makes XLA copy the whole cache once per layer. With `update_cache` (a cache of this
         layer alone), kv is the cache with the token written, by the Pallas kernel when
         `model.decode_attention` says so (m3jax/model/decode_attention.py). partials (with qkv_kernel): out is
-        the output projection's f32 partial sums instead, `decode_matmul.partial_products` (B, ..., dim).
+        the output projection as f32 partial sums instead, (splits, rows >= B, dim) as
+        `decode_matmul.partial_products` gives them.
         """
         b, hq = x.shape[0], self.o_proj.kernel.shape[0]
         if qkv_kernel is None:
