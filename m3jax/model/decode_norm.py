@@ -1,9 +1,10 @@
 """Decoding's residual add and RMSNorm as one kernel: h + (a product's split-K partial sums), then the norm.
 
 Between two weight products of a decoding step XLA ran the residual add and the norm as two small
-kernels of ~2 us each (88 pairs per step of `m3_2p4b`, ~0.34 ms of a 2.7 ms step: benchmarks/RESULTS.md);
-at batch 32 their time is latency, not bandwidth. Here one Pallas program per row sums the partials,
-adds them to the residual stream and normalises the result, writing both.
+kernels of ~2 us each (87 adds and 88 norms per step of `m3_2p4b`, 0.34 ms of a 2.7 ms step); at batch
+32 their time is latency, not bandwidth. Here one Pallas program per row sums the partials, adds them to
+the residual stream and normalises the result, writing both: 2.64-2.66 ms per step instead of 2.71-2.73
+on an H200 (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -49,14 +50,13 @@ def _kernel(p_ref, h_ref, w_ref, h_out_ref, x_out_ref, *, parts, splits: int, ep
         total = product[0]
         for p in product[1:]:
             total += p
-        new_h = (h + total.astype(h_ref.dtype).astype(jnp.float32)).astype(h_out_ref.dtype)
-        new_hs.append(new_h)
-        x32 = new_h.astype(jnp.float32)
-        sum_sq += jnp.sum(x32 * x32)
+        new_h = (h + total.astype(h_ref.dtype).astype(jnp.float32)).astype(h_out_ref.dtype).astype(jnp.float32)
+        new_hs.append(new_h)  # rounded to the stream's dtype, held in f32 for the norm
+        sum_sq += jnp.sum(new_h * new_h)
     scale = jax.lax.rsqrt(sum_sq / dim + eps)
     for c, new_h, w in zip(cols, new_hs, ws):
-        h_out_ref[c] = new_h
-        x_out_ref[c] = (new_h.astype(jnp.float32) * scale * w).astype(x_out_ref.dtype)
+        h_out_ref[c] = new_h.astype(h_out_ref.dtype)
+        x_out_ref[c] = (new_h * scale * w).astype(x_out_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "interpret", "num_warps"))
