@@ -78,6 +78,7 @@ def test_generation_through_the_kernel_equals_generation_through_xla():
     prompts = np.random.default_rng(0).integers(5, 200, (3, 20)).tolist()
     out = {}
     for impl in ("xla", "pallas"):
-        cfg = config_lib.load("tiny", {"model.dtype": "float32", "model.decode_matmul": impl})
+        cfg = config_lib.load("tiny", {"model.dtype": "float32", "model.decode_matmul": impl,
+                                       "model.decode_attention": impl})
         out[impl] = Generator(Memory3(cfg, rngs=nnx.Rngs(0)), eos_id=-1).generate(prompts, 40, mode="none").tokens
     assert out["pallas"] == out["xla"]

@@ -242,3 +242,21 @@ def test_bad_inputs_get_clear_errors():
         write_memories(model, np.ones((2, 8), int), np.array([8, 0]))
     with pytest.raises(ValueError, match="reference 0 token 2 = -1"):
         write_memories(model, np.array([[5, 6, -1, 0]]), np.array([3]))
+
+
+def test_prefill_logits_at_one_position_per_row_are_those_of_the_full_forward():
+    cfg = tiny(**{"model.dtype": "float32"})
+    model = Memory3(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(5, cfg.model.vocab_size, (3, 20)), jnp.int32)
+    lengths = np.array([20, 7, 1])
+    mask = jnp.arange(20)[None, :] < lengths[:, None]
+    full = np.asarray(model(tokens, padding_mask=mask))
+    last, cache = model.prefill(tokens, cache_len=40, padding_mask=mask, logits_at=jnp.asarray(lengths - 1))
+    assert last.shape == (3, full.shape[-1])
+    np.testing.assert_allclose(np.asarray(last), full[np.arange(3), lengths - 1], rtol=1e-5, atol=1e-5)
+    _, full_cache = model.prefill(tokens, cache_len=40, padding_mask=mask)
+    for (k, v), (fk, fv) in zip(cache, full_cache):
+        np.testing.assert_array_equal(np.asarray(k), np.asarray(fk))
+    with pytest.raises(ValueError, match=r"logits_at has shape \(2,\), expected \(3,\)"):
+        model.prefill(tokens, cache_len=40, logits_at=jnp.zeros((2,), jnp.int32))

@@ -47,9 +47,8 @@ def _round_up(n: int, m: int) -> int:
 def _prefill(graphdef, state, tokens, lengths, memory, *, cache_len, memory_slots):
     model = nnx.merge(graphdef, state)
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    logits, cache = model.prefill(tokens, cache_len=cache_len, memory=memory, padding_mask=mask,
-                                  memory_slots=memory_slots)
-    return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], cache
+    return model.prefill(tokens, cache_len=cache_len, memory=memory, padding_mask=mask, memory_slots=memory_slots,
+                         logits_at=lengths - 1)
 
 
 @jax.jit

@@ -103,15 +103,17 @@ class Memory3(nnx.Module):
         return self._forward(tokens, memory, padding_mask, collect_kv=False)[0]
 
     def prefill(self, tokens, *, cache_len: int, memory: MemoryInputs | None = None, padding_mask=None,
-                memory_slots: int = 0):
+                memory_slots: int = 0, logits_at=None):
         """Read a prompt and keep its keys and values for decoding.
 
-        Returns (logits (B, T, padded_vocab), cache): cache holds, per segment of the stack, (k, v) each
+        logits_at: None, or (B,) one position per row: only its logits are computed (decoding needs the
+        last prompt token's; the LM head over every position costs a 32 x 128 prompt ~1.6 TFLOP).
+        Returns (logits (B, T, padded_vocab), or (B, padded_vocab) with logits_at; cache): cache holds, per segment of the stack, (k, v) each
         (layers, B, cache_len, Hkv, D) over the stream `[sink | tokens]` (stream index = sink_len + t);
         the memory layers' caches have `memory_slots` more positions at the end, for the memories that
         decoding reads (`load_memory`).
         """
-        logits, kv = self._forward(tokens, memory, padding_mask, collect_kv=True)
+        logits, kv = self._forward(tokens, memory, padding_mask, collect_kv=True, logits_at=logits_at)
         stream = kv[0][0].shape[2]
         if cache_len < stream:
             raise ValueError(f"cache_len={cache_len} is shorter than the prompt's stream ({stream} positions)")
@@ -172,9 +174,11 @@ class Memory3(nnx.Module):
             return self._logits(h)[:, 0], new_cache
         return decode_matmul(h[:, 0], self.lm_head.kernel[...], self.decode_matmul, out_dtype=jnp.float32), new_cache
 
-    def _forward(self, tokens, memory, padding_mask, collect_kv: bool):
+    def _forward(self, tokens, memory, padding_mask, collect_kv: bool, logits_at=None):
         tokens = self._check_tokens(tokens, "tokens")
         b, t = tokens.shape
+        if logits_at is not None and jnp.shape(logits_at) != (b,):
+            raise ValueError(f"logits_at has shape {jnp.shape(logits_at)}, expected ({b},): one position per row")
         s = sink_len(self.cfg)
         if padding_mask is None:
             padding_mask = jnp.ones((b, t), bool)
@@ -203,6 +207,9 @@ class Memory3(nnx.Module):
             else:
                 h, seg_kv = seg(h, cos, sin, mask, collect_kv=collect_kv)
             kv.append(seg_kv)
+        if logits_at is not None:
+            last = jnp.take_along_axis(h, (s + jnp.asarray(logits_at, jnp.int32))[:, None, None], axis=1)
+            return self._logits(self.norm(last))[:, 0], kv
         return self._logits(self.norm(h[:, s:s + t])), kv
 
     def _memory_layout(self, memory: MemoryInputs, b: int, t: int):
