@@ -129,8 +129,7 @@ class Attention(nnx.Module):
         index of this token (cache keys at and after it are ignored); memory_valid: None, or (B, Nm) bool
         when the cache's last Nm positions hold memories (`Memory3.load_memory`): which of them this token
         reads. qkv_kernel: None, or (dim, Hq + 2 Hkv, D), the three projections' kernels concatenated: one
-        GEMM (then the projections run as `model.decode_matmul` says; with the Pallas attention kernel and
-        `update_cache`, that kernel takes the product's partial sums and applies RoPE itself).
+        GEMM (then the projections run as `model.decode_matmul` says).
 
         Returns (out (B, 1, dim), kv). Without `update_cache`, the cache is only read and kv is this token's
         (k, v), each (B, Hkv, D), for the caller to store: an update of a cache stacked over layers inside
@@ -141,37 +140,25 @@ class Attention(nnx.Module):
         `decode_matmul.partial_products` gives them.
         """
         b, hq = x.shape[0], self.o_proj.kernel.shape[0]
+        if qkv_kernel is None:
+            qkv = jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=2)
+        else:
+            qkv = dm.decode_matmul(x.astype(self.q_proj.dtype), qkv_kernel, self.decode_matmul)
+        hkv, d = (qkv.shape[2] - hq) // 2, qkv.shape[3]
+        # RoPE on q and k with v passed through: one element-wise pass, one array for the kernel
+        qkv = jnp.concatenate([apply_rope(qkv[:, :, :hq + hkv], cos, sin), qkv[:, :, hq + hkv:]], axis=2)
         cache_k, cache_v = cache_kv
-        hkv, d = cache_k.shape[2:]
-        kernel = update_cache and self.decode_attention == "pallas" and da.fits(hq, hkv, d)
-        if qkv_kernel is not None and kernel:
-            # the product's partial sums straight into the kernel, which adds them and applies RoPE
-            dim = x.shape[-1]
-            qkv_partials = dm.partial_products(x.reshape(b, dim).astype(self.q_proj.dtype),
-                                               qkv_kernel.reshape(dim, -1), self.decode_matmul)
-            out, cache_k, cache_v = da.decode_attention_rope(
-                qkv_partials.reshape(*qkv_partials.shape[:2], -1, d), cos[:, 0], sin[:, 0], cache_k, cache_v, write_at,
-                memory_valid, dtype=self.q_proj.dtype)
+        if update_cache and self.decode_attention == "pallas" and da.fits(hq, hkv, d):
+            out, cache_k, cache_v = da.decode_attention_packed(qkv[:, 0], cache_k, cache_v, write_at, memory_valid)
             out, kv = out[:, None], (cache_k, cache_v)
         else:
-            if qkv_kernel is None:
-                qkv = jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=2)
-            else:
-                qkv = dm.decode_matmul(x.astype(self.q_proj.dtype), qkv_kernel, self.decode_matmul)
-            # RoPE on q and k with v passed through: one element-wise pass, one array for the kernel
-            qkv = jnp.concatenate([apply_rope(qkv[:, :, :hq + hkv], cos, sin), qkv[:, :, hq + hkv:]], axis=2)
-            if kernel:
-                out, cache_k, cache_v = da.decode_attention_packed(qkv[:, 0], cache_k, cache_v, write_at,
-                                                                   memory_valid)
-                out, kv = out[:, None], (cache_k, cache_v)
-            else:
-                q_rot, k_rot, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
-                out = self._decode_attention_xla(q_rot, k_rot, v, cache_k, cache_v, write_at, memory_valid)
-                kv = (k_rot[:, 0], v[:, 0])
-                if update_cache:
-                    rows = jnp.arange(b)
-                    kv = (cache_k.at[rows, write_at].set(kv[0].astype(cache_k.dtype)),
-                          cache_v.at[rows, write_at].set(kv[1].astype(cache_v.dtype)))
+            q_rot, k_rot, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
+            out = self._decode_attention_xla(q_rot, k_rot, v, cache_k, cache_v, write_at, memory_valid)
+            kv = (k_rot[:, 0], v[:, 0])
+            if update_cache:
+                rows = jnp.arange(b)
+                kv = (cache_k.at[rows, write_at].set(kv[0].astype(cache_k.dtype)),
+                      cache_v.at[rows, write_at].set(kv[1].astype(cache_v.dtype)))
         if qkv_kernel is None:
             out = self.o_proj(out)
         else:

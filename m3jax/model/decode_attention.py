@@ -43,12 +43,10 @@ class Tiling(NamedTuple):
     num_stages: int = 3
 
 
-def _kernel(write_at_ref, qkv_ref, *refs, parts, group, kv_heads, tiling, scale, memory_slots, rope, dtype):
+def _kernel(write_at_ref, qkv_ref, k_ref, v_ref, *refs, parts, group, kv_heads, tiling, scale, memory_slots):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    (cos_ref, sin_ref), refs = (refs[:2], refs[2:]) if rope else ((None, None), refs)
-    k_ref, v_ref, refs = refs[0], refs[1], refs[2:]
     valid_ref, refs = (refs[0], refs[1:]) if memory_slots else (None, refs)
     block, splits = tiling.block_keys, tiling.splits
     rows = dm.dot_rows(group)
@@ -56,38 +54,10 @@ def _kernel(write_at_ref, qkv_ref, *refs, parts, group, kv_heads, tiling, scale,
     split = pl.program_id(2) if splits > 1 else 0
     row_ok = jnp.arange(rows) < group
     head = pl.program_id(1)
-    d = sum(size for _, size in parts)
-
-    def summed(first, n, ok, cols):
-        """qkv rows first .. first+n-1 (one row when ok is None, else rows masked by ok) at cols (a slice or
-        an index vector): the product's partial sums added and rounded to `dtype`, as the product is."""
-        if ok is None:
-            at = lambda p: qkv_ref.at[jnp.int32(p), first, cols]  # noqa: E731
-        elif isinstance(cols, pl.Slice):
-            at = lambda p: qkv_ref.at[jnp.int32(p), pl.ds(first, n), cols]  # noqa: E731
-        else:
-            at = lambda p: qkv_ref.at[jnp.int32(p), first + jnp.arange(n)[:, None], cols[None, :]]  # noqa: E731
-        mask = None if ok is None else ok[:, None]
-        loads = [plgpu.load(at(p), mask=mask, other=None if ok is None else 0) for p in range(qkv_ref.shape[0])]
-        return functools.reduce(jnp.add, loads).astype(dtype)
-
-    def heads(first, n, ok, rotate):
-        """Per column part, those rows; with `rotate` (and RoPE asked for), rotated in f32 as apply_rope does."""
-        out = []
-        for off, size in parts:
-            x = summed(first, n, ok, pl.ds(off, size))
-            if rotate and rope:
-                cols = off + jnp.arange(size)
-                partner = summed(first, n, ok, (cols + d // 2) % d)  # rotate-half: -x[c + d/2] or x[c - d/2]
-                sign = jnp.where(cols < d // 2, -1.0, 1.0)
-                cos, sin = cos_ref[pl.ds(off, size)], sin_ref[pl.ds(off, size)]
-                x = (x.astype(jnp.float32) * cos + sign * partner.astype(jnp.float32) * sin).astype(dtype)
-            out.append(x)
-        return out
-
-    q = heads(head * group, rows, row_ok, True)  # this kv head's query rows (padded to the dot's rows)
-    k_new = heads(kv_heads * group + head, 1, None, True)
-    v_new = heads(kv_heads * group + kv_heads + head, 1, None, False)
+    q_rows, k_row = pl.ds(head * group, rows), kv_heads * group + head  # this kv head's rows of qkv
+    q = [plgpu.load(qkv_ref.at[q_rows, pl.ds(off, size)], mask=row_ok[:, None], other=0) for off, size in parts]
+    k_new = [qkv_ref[k_row, pl.ds(off, size)] for off, size in parts]
+    v_new = [qkv_ref[k_row + kv_heads, pl.ds(off, size)] for off, size in parts]
     # the new token's own key starts the first split's softmax (the others start empty)
     own = sum((qp.astype(jnp.float32) * kp.astype(jnp.float32)[None, :]).sum(axis=1) for qp, kp in zip(q, k_new))
     first = split == 0
@@ -185,63 +155,36 @@ def decode_attention(q, k_new, v_new, cache_k, cache_v, write_at, memory_valid=N
 
 
 def decode_attention_packed(qkv, cache_k, cache_v, write_at, memory_valid=None, tiling: Tiling | None = None):
-    """`decode_attention` with q, k_new and v_new as one array qkv (B, Hq + 2 Hkv, D), in that order."""
-    if qkv.ndim != 3:
-        raise ValueError(f"qkv must be (B, Hq + 2 Hkv, D), got {qkv.shape}")
-    _check(qkv.shape, cache_k, cache_v, write_at, memory_valid, f"qkv {qkv.shape}")
-    return _pallas_decode_attention(qkv[None], None, None, cache_k, cache_v, write_at, memory_valid,
-                                    _check_tiling(tiling), qkv.dtype, jax.default_backend() != "gpu")
-
-
-def decode_attention_rope(qkv_partials, cos, sin, cache_k, cache_v, write_at, memory_valid=None, *, dtype,
-                          tiling: Tiling | None = None):
-    """`decode_attention_packed` straight from the q/k/v product's f32 partial sums (P, rows >= B, Hq + 2 Hkv,
-    D), before RoPE: the kernel adds them, rounds to `dtype` and rotates q and k by cos, sin (B, D) (rotate-
-    half, as `layers.apply_rope`), so neither the sum nor RoPE is a pass of its own. Out in `dtype`."""
-    if qkv_partials.ndim != 4:
-        raise ValueError(f"qkv partial sums must be (P, rows, Hq + 2 Hkv, D), got {qkv_partials.shape}")
-    _check(qkv_partials.shape[1:], cache_k, cache_v, write_at, memory_valid, f"qkv partial sums {qkv_partials.shape}")
-    b, d = cache_k.shape[0], cache_k.shape[3]
-    if cos.shape != (b, d) or sin.shape != (b, d):
-        raise ValueError(f"decode attention with RoPE: cos {cos.shape} and sin {sin.shape} must be ({b}, {d})")
-    return _pallas_decode_attention(qkv_partials, cos.astype(jnp.float32), sin.astype(jnp.float32), cache_k, cache_v,
-                                    write_at, memory_valid, _check_tiling(tiling), jnp.dtype(dtype),
-                                    jax.default_backend() != "gpu")
-
-
-def _check(qkv_shape, cache_k, cache_v, write_at, memory_valid, what):
-    """qkv_shape: (rows >= B, Hq + 2 Hkv, D)."""
-    b, s, hkv, d = cache_k.shape
-    hq = qkv_shape[1] - 2 * hkv
+    """`decode_attention` with q, k_new and v_new as one array qkv (B, Hq + 2 Hkv, D), in that order (what
+    the fused q/k/v projection gives: one element-wise pass applies RoPE to all of it, not three)."""
+    b, rows, d = qkv.shape
+    s, hkv = cache_k.shape[1:3]
+    hq = rows - 2 * hkv
     if hq < 1 or not fits(hq, hkv, d) or hq % hkv:
         raise ValueError(f"the decode attention kernel does not take {hq} query heads over {hkv} kv heads of dim {d}")
-    if cache_v.shape != cache_k.shape or write_at.shape != (b,) or qkv_shape[0] < b or qkv_shape[2] != d:
-        raise ValueError(f"decode attention shapes disagree: {what}, cache {cache_k.shape} / "
+    if cache_v.shape != cache_k.shape or cache_k.shape != (b, s, hkv, d) or write_at.shape != (b,):
+        raise ValueError(f"decode attention shapes disagree: qkv {qkv.shape}, cache {cache_k.shape} / "
                          f"{cache_v.shape}, write_at {write_at.shape}")
     if memory_valid is not None and (memory_valid.ndim != 2 or memory_valid.shape[0] != b
                                      or memory_valid.shape[1] >= s):
         raise ValueError(f"memory_valid has shape {memory_valid.shape}; expected ({b}, Nm) with Nm < {s}")
-
-
-def _check_tiling(tiling):
     tiling = tiling or Tiling()
     if tiling.block_keys < 16 or tiling.block_keys & (tiling.block_keys - 1) or tiling.splits < 1:
         raise ValueError(f"bad decode attention tiling {tiling}: block_keys a power of two >= 16, splits >= 1")
-    return tiling
+    return _pallas_decode_attention(qkv, cache_k, cache_v, write_at, memory_valid, tiling,
+                                    interpret=jax.default_backend() != "gpu")
 
 
-@functools.partial(jax.jit, static_argnames=("tiling", "dtype", "interpret"))
-def _pallas_decode_attention(qkv, cos, sin, cache_k, cache_v, write_at, memory_valid, tiling, dtype, interpret):
-    """qkv: (P, rows >= B, Hq + 2 Hkv, D) partial sums (P = 1: the product itself); cos, sin: None or (B, D)."""
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
+def _pallas_decode_attention(qkv, cache_k, cache_v, write_at, memory_valid, tiling, interpret):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    parts_in, _, rows, d = qkv.shape
-    b, s, hkv = cache_k.shape[:3]
+    b, rows, d = qkv.shape
+    s, hkv = cache_k.shape[1:3]
     hq = rows - 2 * hkv
     group, splits = hq // hkv, tiling.splits
     memory_slots = 0 if memory_valid is None else memory_valid.shape[1]
-    rope = cos is not None
 
     def spec(*block):  # (sequence, kv head, *block)
         return pl.BlockSpec((None, None, *block), lambda i, h, j: (i, h) + (0,) * len(block))
@@ -250,27 +193,21 @@ def _pallas_decode_attention(qkv, cos, sin, cache_k, cache_v, write_at, memory_v
         return pl.BlockSpec((None, None, None, *block), lambda i, h, j: (i, h, j) + (0,) * len(block))
 
     cache_spec = pl.BlockSpec((None, s, None, d), lambda i, h, j: (i, 0, h, 0))
-    in_specs = [pl.BlockSpec((b,), lambda i, h, j: (0,)),
-                pl.BlockSpec((parts_in, None, rows, d), lambda i, h, j: (0, i, 0, 0))]
-    args = [write_at.astype(jnp.int32), qkv]
-    if rope:
-        in_specs += [pl.BlockSpec((None, d), lambda i, h, j: (i, 0))] * 2
-        args += [cos, sin]
-    first_cache = len(args)
-    in_specs += [cache_spec, cache_spec]
-    args += [cache_k, cache_v]
+    in_specs = [pl.BlockSpec((b,), lambda i, h, j: (0,)), pl.BlockSpec((None, rows, d), lambda i, h, j: (i, 0, 0)),
+                cache_spec, cache_spec]
+    args = [write_at.astype(jnp.int32), qkv, cache_k, cache_v]
     if memory_slots:
         in_specs.append(pl.BlockSpec((None, memory_slots), lambda i, h, j: (i, 0)))
         args.append(memory_valid.astype(jnp.int32))
     if splits == 1:
         out_specs = [spec(group, d)]
-        out_shape = [jax.ShapeDtypeStruct((b, hkv, group, d), dtype)]
+        out_shape = [jax.ShapeDtypeStruct((b, hkv, group, d), qkv.dtype)]
     else:
         out_specs = [split_spec(group), split_spec(group), split_spec(group, d)]
         out_shape = [jax.ShapeDtypeStruct((b, hkv, splits, group), jnp.float32)] * 2 + \
             [jax.ShapeDtypeStruct((b, hkv, splits, group, d), jnp.float32)]
     kernel = functools.partial(_kernel, parts=dm.power_of_two_parts(d), group=group, kv_heads=hkv, tiling=tiling,
-                               scale=d ** -0.5, memory_slots=memory_slots, rope=rope, dtype=dtype)
+                               scale=d ** -0.5, memory_slots=memory_slots)
     *outs, cache_k, cache_v = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),
@@ -278,7 +215,7 @@ def _pallas_decode_attention(qkv, cos, sin, cache_k, cache_v, write_at, memory_v
         out_specs=out_specs + [cache_spec, cache_spec],
         out_shape=out_shape + [jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
                                jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype)],
-        input_output_aliases={first_cache: len(out_shape), first_cache + 1: len(out_shape) + 1},
+        input_output_aliases={2: len(out_shape), 3: len(out_shape) + 1},
         compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=interpret,
         name="decode_attention",
@@ -288,5 +225,5 @@ def _pallas_decode_attention(qkv, cos, sin, cache_k, cache_v, write_at, memory_v
     else:  # one softmax from the splits' partial ones
         top, total, acc = outs
         weight = jnp.exp(top - top.max(axis=2, keepdims=True))
-        out = ((acc * weight[..., None]).sum(axis=2) / (total * weight).sum(axis=2)[..., None]).astype(dtype)
+        out = ((acc * weight[..., None]).sum(axis=2) / (total * weight).sum(axis=2)[..., None]).astype(qkv.dtype)
     return out.reshape(b, hq, d), cache_k, cache_v

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m3jax.model.decode_matmul import decode_matmul, partial_products
-from m3jax.model.decode_swiglu import swiglu_gate
 from m3jax.sharding import constrain
 
 
@@ -66,16 +65,15 @@ class MLP(nnx.Module):
             return self.down_proj(h)
 
     def fused(self, x, gate_up_kernel, partials=False):
-        """The same with gate and up kernels stacked, (dim, 2, hidden): one product, with the SiLU product
-        in its kernel (decode_swiglu) under `decode_matmul = pallas`. partials: return the down product as
-        f32 partial sums, `partial_products` (splits, rows >= x's rows, dim)."""
+        """The same with gate and up kernels stacked, (dim, 2, hidden): one GEMM (decoding). partials: return
+        the down product as f32 partial sums, `partial_products` (splits, rows >= x's rows, dim)."""
         with jax.named_scope("mlp"):
             dtype = self.down_proj.dtype
-            lead = x.shape[:-1]
-            h = swiglu_gate(x.reshape(-1, x.shape[-1]).astype(dtype), gate_up_kernel, self.decode_matmul)
+            gate_up = decode_matmul(x.astype(dtype), gate_up_kernel, self.decode_matmul)
+            h = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
             if partials:
-                return partial_products(h, self.down_proj.kernel[...], self.decode_matmul)
-            return decode_matmul(h, self.down_proj.kernel[...], self.decode_matmul).reshape(*lead, -1)
+                return partial_products(h.reshape(-1, h.shape[-1]), self.down_proj.kernel[...], self.decode_matmul)
+            return decode_matmul(h, self.down_proj.kernel[...], self.decode_matmul)
 
 
 def rope_angles(positions, head_dim: int, theta: float):
