@@ -260,3 +260,33 @@ def test_prefill_logits_at_one_position_per_row_are_those_of_the_full_forward():
         np.testing.assert_array_equal(np.asarray(k), np.asarray(fk))
     with pytest.raises(ValueError, match=r"logits_at has shape \(2,\), expected \(3,\)"):
         model.prefill(tokens, cache_len=40, logits_at=jnp.zeros((2,), jnp.int32))
+
+
+@pytest.mark.parametrize("with_memory", [False, True])
+def test_prefill_over_per_layer_weights_equals_the_stacked_prefill(with_memory):
+    """Generation's prefill runs the layers over `layer_states` (fused q/k/v and gate/up kernels): the same
+    logits, and per-layer caches equal to the stacked ones, memory slots included."""
+    cfg = tiny(**{"model.dtype": "float32", "memory.layer_start": 1})
+    model = Memory3(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(2)
+    tokens = jnp.asarray(rng.integers(5, cfg.model.vocab_size, (2, 20)), jnp.int32)
+    mask = jnp.arange(20)[None, :] < jnp.array([20, 9])[:, None]
+    memory = None
+    if with_memory:
+        kv, valid = random_memory(cfg, rng, 2, 2, 3, 4)
+        memory = MemoryInputs(jnp.asarray(kv), jnp.asarray(valid))
+    _, state = nnx.split(model)
+    layer_states = [seg.layer_states(state["layers"][i]["blocks"]) for i, seg in enumerate(model.layers)]
+    kw = dict(cache_len=48, memory=memory, padding_mask=mask, memory_slots=12, logits_at=jnp.array([19, 8]))
+    want_logits, want_cache = model.prefill(tokens, **kw)
+    logits, cache = model.prefill(tokens, layer_states=layer_states, **kw)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), rtol=1e-5, atol=1e-5)
+    assert [len(seg_kv) for seg_kv in cache] == [seg.num_layers for seg in model.layers]
+    for seg, seg_kv, (want_k, want_v) in zip(model.layers, cache, want_cache):
+        for i, (k, v) in enumerate(seg_kv):
+            assert k.shape == want_k.shape[1:] == (2, 48 + 12 * seg.is_memory, cfg.model.num_kv_heads,
+                                                   cfg.model.head_dim)
+            np.testing.assert_allclose(np.asarray(k), np.asarray(want_k[i]), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(v), np.asarray(want_v[i]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cache_len=10 is shorter than the prompt's stream"):
+        model.prefill(tokens, cache_len=10, layer_states=layer_states)

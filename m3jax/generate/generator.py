@@ -44,17 +44,12 @@ def _round_up(n: int, m: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "memory_slots"))
-def _prefill(graphdef, state, tokens, lengths, memory, *, cache_len, memory_slots):
+def _prefill(graphdef, state, layer_states, tokens, lengths, memory, *, cache_len, memory_slots):
+    """The last prompt token's logits and the cache: per layer over `layer_states`, or stacked (None)."""
     model = nnx.merge(graphdef, state)
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
     return model.prefill(tokens, cache_len=cache_len, memory=memory, padding_mask=mask, memory_slots=memory_slots,
-                         logits_at=lengths - 1)
-
-
-@jax.jit
-def _per_layer(cache):
-    """Stacked (layers, ...) caches of each segment -> a list of per-layer (k, v)."""
-    return [[(k[i], v[i]) for i in range(k.shape[0])] for k, v in cache]
+                         logits_at=lengths - 1, layer_states=layer_states)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_p"), donate_argnums=(3,))
@@ -169,13 +164,11 @@ class Generator:
         cache_len = _round_up(sink_len(self.cfg) + tokens.shape[1] + max_new_tokens, 8)
         # Memory mode: the memory layers' caches end in slots for one memory set (R references x k tokens).
         memory_slots = 0 if memory is None else first_kv[0].shape[1] * first_kv[0].shape[5]
-        logits, cache = _prefill(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(lengths),
-                                 memory, cache_len=cache_len, memory_slots=memory_slots)
+        logits, cache = _prefill(self.graphdef, self.state, self.layer_states, jnp.asarray(tokens),
+                                 jnp.asarray(lengths), memory, cache_len=cache_len, memory_slots=memory_slots)
         key = jax.random.key(seed)
         key, first_key = jax.random.split(key)
         token = next_token(logits, first_key, self.cfg.model.vocab_size, temperature, top_p)
-        if self.layer_states is not None:
-            cache = _per_layer(cache)
         out = [np.asarray(token)[:, None]]
         took("prefill", t0)
         write_at = jnp.asarray(sink_len(self.cfg) + lengths, jnp.int32)

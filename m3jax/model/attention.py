@@ -97,17 +97,23 @@ class Attention(nnx.Module):
         self.decode_matmul = dm.resolve_impl(m.decode_matmul)
         self.decode_attention = da.resolve_impl(m.decode_attention)
 
-    def __call__(self, x, cos, sin, mask, memory_kv=None, collect=False):
+    def __call__(self, x, cos, sin, mask, memory_kv=None, collect=False, qkv_kernel=None):
         """x: (B, T, dim); mask: AttentionMask over (Nm +) T keys; memory_kv: (k, v) each (B, Nm, Hkv, D) or None.
 
         With `collect`, also returns (q, k) before RoPE and (k, v) after it, for memory writing.
+        qkv_kernel: None, or the three projections' kernels concatenated, (dim, Hq + 2 Hkv, D) (prefill over
+        `LayerStack.layer_states`): one product instead of three.
         """
-        q = constrain(checkpoint_name(self.q_proj(x), "attn_proj"),
-                      ("batch", "length", "heads", None))
-        k = constrain(checkpoint_name(self.k_proj(x), "attn_proj"),
-                      ("batch", "length", "kv_heads", None))
-        v = constrain(checkpoint_name(self.v_proj(x), "attn_proj"),
-                      ("batch", "length", "kv_heads", None))
+        if qkv_kernel is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            hq = self.o_proj.kernel.shape[0]
+            hkv = (qkv_kernel.shape[1] - hq) // 2
+            qkv = jnp.einsum("btd,dhk->bthk", x.astype(self.q_proj.dtype), qkv_kernel.astype(self.q_proj.dtype))
+            q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
+        q = constrain(checkpoint_name(q, "attn_proj"), ("batch", "length", "heads", None))
+        k = constrain(checkpoint_name(k, "attn_proj"), ("batch", "length", "kv_heads", None))
+        v = constrain(checkpoint_name(v, "attn_proj"), ("batch", "length", "kv_heads", None))
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = k_rot, v
         if memory_kv is not None:

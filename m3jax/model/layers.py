@@ -58,9 +58,15 @@ class MLP(nnx.Module):
         self.up_proj = Linear((dim,), (hidden,), ("embed",), ("mlp",), **kw)
         self.down_proj = Linear((hidden,), (dim,), ("mlp",), ("embed",), **kw)
 
-    def __call__(self, x):
+    def __call__(self, x, gate_up_kernel=None):
+        """gate_up_kernel: None, or gate and up kernels stacked, (dim, 2, hidden): one product instead of two."""
         with jax.named_scope("mlp"):
-            h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+            if gate_up_kernel is None:
+                h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+            else:
+                dtype = self.gate_proj.dtype
+                gate_up = jnp.einsum("...d,dgh->...gh", x.astype(dtype), gate_up_kernel.astype(dtype))
+                h = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
             h = constrain(h, ("batch", "length", "mlp"))
             return self.down_proj(h)
 

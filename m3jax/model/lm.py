@@ -103,23 +103,31 @@ class Memory3(nnx.Module):
         return self._forward(tokens, memory, padding_mask, collect_kv=False)[0]
 
     def prefill(self, tokens, *, cache_len: int, memory: MemoryInputs | None = None, padding_mask=None,
-                memory_slots: int = 0, logits_at=None):
+                memory_slots: int = 0, logits_at=None, layer_states=None):
         """Read a prompt and keep its keys and values for decoding.
 
         logits_at: None, or (B,) one position per row: only its logits are computed (decoding needs the
         last prompt token's; the LM head over every position costs a 32 x 128 prompt ~1.6 TFLOP).
-        Returns (logits (B, T, padded_vocab), or (B, padded_vocab) with logits_at; cache): cache holds, per segment of the stack, (k, v) each
-        (layers, B, cache_len, Hkv, D) over the stream `[sink | tokens]` (stream index = sink_len + t);
-        the memory layers' caches have `memory_slots` more positions at the end, for the memories that
-        decoding reads (`load_memory`).
+        layer_states: None, or per segment `LayerStack.layer_states()`: the layers run over those per-layer
+        weights, as decoding does (`decode_step`), and the cache comes per layer.
+        Returns (logits (B, T, padded_vocab), or (B, padded_vocab) with logits_at; cache): cache holds,
+        per segment of the stack, (k, v) each (layers, B, cache_len, Hkv, D) (with layer_states: a list of
+        per-layer (k, v), each (B, cache_len, Hkv, D)) over the stream `[sink | tokens]` (stream index =
+        sink_len + t); the memory layers' caches have `memory_slots` more positions at the end, for the
+        memories that decoding reads (`load_memory`).
         """
-        logits, kv = self._forward(tokens, memory, padding_mask, collect_kv=True, logits_at=logits_at)
-        stream = kv[0][0].shape[2]
+        tokens = self._check_tokens(tokens, "tokens")
+        stream = self._stream_len(tokens.shape[1])
         if cache_len < stream:
             raise ValueError(f"cache_len={cache_len} is shorter than the prompt's stream ({stream} positions)")
+        room = {False: cache_len - stream, True: cache_len - stream + memory_slots}  # by segment.is_memory
+        logits, kv = self._forward(tokens, memory, padding_mask, collect_kv=True, logits_at=logits_at,
+                                   layer_states=layer_states, room=room)
+        if layer_states is not None:
+            return logits, kv
         cache = []
         for seg, seg_kv in zip(self.layers, kv):
-            pad = [(0, 0), (0, 0), (0, cache_len - stream + (memory_slots if seg.is_memory else 0)), (0, 0), (0, 0)]
+            pad = [(0, 0), (0, 0), (0, room[seg.is_memory]), (0, 0), (0, 0)]
             cache.append(tuple(jnp.pad(x, pad) for x in seg_kv))
         return logits, cache
 
@@ -174,7 +182,14 @@ class Memory3(nnx.Module):
             return self._logits(h)[:, 0], new_cache
         return decode_matmul(h[:, 0], self.lm_head.kernel[...], self.decode_matmul, out_dtype=jnp.float32), new_cache
 
-    def _forward(self, tokens, memory, padding_mask, collect_kv: bool, logits_at=None):
+    def _stream_len(self, t: int) -> int:
+        """Positions of the stream `[sink | t tokens]`, padded to a multiple of STREAM_MULTIPLE."""
+        s = sink_len(self.cfg)
+        return s + t + (-(s + t)) % STREAM_MULTIPLE
+
+    def _forward(self, tokens, memory, padding_mask, collect_kv: bool, logits_at=None, layer_states=None,
+                 room=None):
+        """layer_states, room: as `prefill` (per-layer weights; cache positions after the stream by is_memory)."""
         tokens = self._check_tokens(tokens, "tokens")
         b, t = tokens.shape
         if logits_at is not None and jnp.shape(logits_at) != (b,):
@@ -186,7 +201,7 @@ class Memory3(nnx.Module):
             raise ValueError(f"padding_mask has shape {padding_mask.shape}, expected {(b, t)} like tokens")
         elif _is_concrete(padding_mask) and np.any(np.diff(np.asarray(padding_mask, np.int8), axis=1) > 0):
             raise ValueError("padding_mask must be right padding: no real token after a padding position")
-        extra = (-(s + t)) % STREAM_MULTIPLE
+        extra = self._stream_len(t) - s - t
         stream = jnp.concatenate([jnp.broadcast_to(self.sink_ids(), (b, s)), tokens,
                                   jnp.full((b, extra), self.cfg.model.pad_id, jnp.int32)], axis=1)
         padding_mask = jnp.concatenate([padding_mask.astype(bool), jnp.zeros((b, extra), bool)], axis=1)
@@ -201,11 +216,13 @@ class Memory3(nnx.Module):
                                     (mem_chunk, mem_valid, memory.window, group))
         h = self._embed(stream)
         kv = []
-        for seg in self.layers:
-            if seg.is_memory and memory is not None:
-                h, seg_kv = seg(h, cos, sin, mem_mask, (mem_k, mem_v), collect_kv=collect_kv)
+        for i, seg in enumerate(self.layers):
+            seg_memory = (mem_k, mem_v) if seg.is_memory and memory is not None else None
+            seg_mask = mask if seg_memory is None else mem_mask
+            if layer_states is None:
+                h, seg_kv = seg(h, cos, sin, seg_mask, seg_memory, collect_kv=collect_kv)
             else:
-                h, seg_kv = seg(h, cos, sin, mask, collect_kv=collect_kv)
+                h, seg_kv = seg.prefill_fused(h, cos, sin, seg_mask, seg_memory, layer_states[i], room[seg.is_memory])
             kv.append(seg_kv)
         if logits_at is not None:
             last = jnp.take_along_axis(h, (s + jnp.asarray(logits_at, jnp.int32))[:, None, None], axis=1)

@@ -28,10 +28,12 @@ class Block(nnx.Module):
         self.mlp = MLP(m.hidden_size, m.mlp_dim, std=m.init_std, dtype=dt, param_dtype=pdt, rngs=rngs,
                        decode_matmul=self.self_attn.decode_matmul)
 
-    def __call__(self, h, cos, sin, mask, memory_kv=None, collect=False):
-        a, aux = self.self_attn(self.input_layernorm(h), cos, sin, mask, memory_kv, collect)
+    def __call__(self, h, cos, sin, mask, memory_kv=None, collect=False, fused=None):
+        """fused: None, or this layer's `fuse_decode_weights` kernels (the state's are then placeholders)."""
+        fused = fused or {}
+        a, aux = self.self_attn(self.input_layernorm(h), cos, sin, mask, memory_kv, collect, fused.get("qkv"))
         h = h + a
-        h = h + self.mlp(self.post_attention_layernorm(h))
+        h = h + self.mlp(self.post_attention_layernorm(h), fused.get("gate_up"))
         return constrain(h, ("batch", "length", "embed")), aux
 
     def decode(self, h, cos, sin, cache_kv, write_at, memory_valid=None):
@@ -140,6 +142,21 @@ class LayerStack(nnx.Module):
         zero-size placeholders in their place. state: the stacked parameters (default: this stack's)."""
         state = nnx.state(self.blocks) if state is None else state
         return [fuse_decode_weights(jax.tree.map(lambda x, i=i: x[i], state)) for i in range(self.num_layers)]
+
+    def prefill_fused(self, h, cos, sin, mask, memory_kv, layer_states, extra_slots: int):
+        """`__call__(collect_kv=True)` as straight-line code over `layer_states()`, as decoding reads them: no
+        slice of the stacked weights copied per layer, one product for q/k/v and one for gate/up. Returns
+        (h, [(k, v) per layer]), each (B, T + extra_slots, Hkv, D): the caches `decode_fused` updates, with
+        extra_slots zero positions at the end (room for decoding and memories)."""
+        graphdef, _ = nnx.split(self.blocks)
+        cache = []
+        for i, (layer_state, fused) in enumerate(layer_states):
+            kv = None if memory_kv is None else (memory_kv[0][i], memory_kv[1][i])
+            with jax.named_scope("layer"):
+                h, aux = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, kv, collect=True, fused=fused)
+            pad = [(0, 0), (0, extra_slots), (0, 0), (0, 0)]
+            cache.append((jnp.pad(aux[2], pad), jnp.pad(aux[3], pad)))
+        return h, cache
 
     def decode(self, h, cos, sin, cache_kv, write_at, memory_valid=None):
         """One token per row through the layers, scanned over the stacked weights. cache_kv: (k, v) each
