@@ -149,8 +149,8 @@ def test_dense_minilm_paraphrase(tmp_path):
 
 
 def test_bm25_selects_on_the_host_cpu(monkeypatch):
-    """bm25s calls jax.lax.top_k on JAX's default device, which on a GPU queues one call per query
-    behind the model's work there: our retriever makes the host CPU the default device around it."""
+    """jax.lax.top_k on JAX's default device would, on a GPU, queue behind the model's work there: our
+    retriever makes the host CPU the default device around it."""
     import jax
 
     r = BM25Retriever.build(DOCS)
@@ -165,3 +165,29 @@ def test_bm25_selects_on_the_host_cpu(monkeypatch):
     for a, b in zip(r.retrieve(["Why do the penguins swim?", "bread yeast"], 2), want):
         np.testing.assert_array_equal(a, b)
     assert devices and all(d is not None and d.platform == "cpu" for d in devices)
+
+
+@pytest.mark.parametrize("numpy_selection", [False, True])
+def test_bm25_batched_scores_equal_bm25s_per_query_scores(monkeypatch, numpy_selection):
+    """All queries scored as one sparse product (in blocks): the scores bm25s gives each query alone
+    (`get_scores`, repeated words counted each time), and the top k of them."""
+    import m3jax.retrieval.bm25 as bm25_module
+
+    rng = np.random.default_rng(0)
+    docs = [" ".join(f"w{j}" for j in rng.integers(0, 60, rng.integers(3, 30))) for _ in range(200)]
+    queries = [" ".join(f"w{j}" for j in rng.integers(0, 80, rng.integers(1, 12))) for _ in range(37)]
+    queries += ["w1 w1 w1 w2", "zz unknown", "w7"]
+    r = BM25Retriever.build(docs, stopwords=None)
+    monkeypatch.setattr(bm25_module, "QUERY_BLOCK", 16)  # three blocks
+    if numpy_selection:
+        import contextlib
+        monkeypatch.setattr(bm25_module, "_host_selection", lambda: (contextlib.nullcontext(), "numpy"))
+    scores, ids = r.retrieve(queries, 5)
+    for q, row_scores, row_ids in zip(queries, scores, ids):
+        words = [w for w in q.split() if w in r.model.vocab_dict]
+        want = r.model.get_scores(words) if words else np.zeros(len(docs))
+        order = np.argsort(-want, kind="stable")[:5]
+        found = row_ids >= 0
+        np.testing.assert_allclose(row_scores[found], want[row_ids[found]], rtol=1e-5)  # scores of what came back
+        np.testing.assert_allclose(row_scores[found], want[order][:found.sum()], rtol=1e-5)  # the best ones
+        assert found.sum() == min(5, int((want > 0).sum()))
