@@ -191,3 +191,12 @@ def test_bm25_batched_scores_equal_bm25s_per_query_scores(monkeypatch, numpy_sel
         np.testing.assert_allclose(row_scores[found], want[row_ids[found]], rtol=1e-5)  # scores of what came back
         np.testing.assert_allclose(row_scores[found], want[order][:found.sum()], rtol=1e-5)  # the best ones
         assert found.sum() == min(5, int((want > 0).sum()))
+
+
+def test_bm25_variants_that_score_absent_words_are_refused():
+    import bm25s
+
+    model = bm25s.BM25(method="bm25l")  # gives documents a score for words they lack: not a sparse product
+    model.index(bm25s.tokenize(["alpha beta", "beta gamma"], stopwords=None, show_progress=False), show_progress=False)
+    with pytest.raises(ValueError, match="needs bm25s' lucene method, got 'bm25l'"):
+        BM25Retriever(model, None, 2)
