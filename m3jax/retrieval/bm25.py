@@ -13,7 +13,6 @@ references take 18.3 instead of 38.5 ms on a 2-core CPU. Same scores up to summa
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -29,16 +28,28 @@ META_FILE = "m3jax_bm25.json"
 QUERY_BLOCK = 256  # queries scored at once: a dense (block, references) f32 array (170k references: 174 MB)
 
 
-def _host_selection():
-    """Where the top k is selected: with jax.lax.top_k on the host CPU (5x NumPy's speed over 170k
-    references). On JAX's default device it would run on a GPU, queued behind the model's work there
-    (generation waited on its own decoding for this). Without a CPU device for JAX, NumPy."""
+def _host_cpu():
+    """JAX's host CPU device, or None where JAX has none (e.g. JAX_PLATFORMS=cuda)."""
     import jax
 
     try:
-        return jax.default_device(jax.devices("cpu")[0]), "jax"
+        return jax.devices("cpu")[0]
     except RuntimeError:
-        return contextlib.nullcontext(), "numpy"
+        return None
+
+
+def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, indices) of each row's k best, ties to the lower index: jax.lax.top_k on the host CPU (5x
+    NumPy's speed over 170k references; on JAX's default device it would run on a GPU, queued behind the
+    model's work there, which generation waited on), else NumPy."""
+    cpu = _host_cpu()
+    if cpu is None:
+        docs = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, docs, axis=1), docs
+    import jax
+
+    with jax.default_device(cpu):
+        return tuple(np.asarray(x) for x in jax.lax.top_k(scores, k))
 
 
 def _check_texts(texts: Sequence[str], what: str) -> list[str]:
@@ -89,18 +100,9 @@ class BM25Retriever(Retriever):
         tokens = [[t for t in q if t in vocab] for q in self._tokenize(texts, self.stopwords)] if texts else []
         rows = [i for i, q in enumerate(tokens) if q]
         kk = min(k, self.count)  # at most every reference
-        device, backend = _host_selection()
         for start in range(0, len(rows), QUERY_BLOCK):
             block = rows[start:start + QUERY_BLOCK]
-            full = self._scores([[vocab[t] for t in tokens[i]] for i in block])
-            if backend == "jax":
-                import jax
-
-                with device:
-                    s, docs = (np.asarray(x) for x in jax.lax.top_k(full, kk))
-            else:
-                docs = np.argsort(-full, axis=1, kind="stable")[:, :kk]
-                s = np.take_along_axis(full, docs, axis=1)
+            s, docs = _top_k(self._scores([[vocab[t] for t in tokens[i]] for i in block]), kk)
             hit = s > 0
             scores[block, :kk] = np.where(hit, s, -np.inf)
             ids[block, :kk] = np.where(hit, docs, -1)
