@@ -1,6 +1,7 @@
 """Decoding throughput with memory, without memory, and RAG, under the paper's protocol (Table 21).
 
     python benchmarks/decode_gpu.py [--config m3_2p4b] [--batch 32] [--refs 4096] [--json out.json]
+                                    [--profile_dir DIR]
 
 Batch 32, 128 prompt tokens, 128 new tokens, random weights of the config's shape (bf16 parameters
 and compute), greedy. With memory: 3 retrievals per sequence (the prompt's 2 chunks, then once after
@@ -8,6 +9,9 @@ and compute), greedy. With memory: 3 retrievals per sequence (the prompt's 2 chu
 with the RAM cache off (capacity 0). RAG: the references the prompt's chunks retrieve (10, whole, as
 text) in front of the prompt. tokens/s = batch x new tokens / wall time of `generate` (retrieval,
 bank reads, prefill and decoding), the median of --reps runs after a warmup run that compiles.
+
+With --profile_dir, one `generate` per mode (and one with a single new token: the prefill) is traced
+afterwards: the GPU kernels' time per kind, to see where a mode's device time goes (what memory adds).
 
 Stream: `generate_many` over --stream_batches batches of --batch prompts, --in_flight at a time, so one
 batch's host work (BM25, bank reads) overlaps another's decoding; tokens/s = all new tokens / wall time.
@@ -23,6 +27,8 @@ import time
 
 import jax
 import numpy as np
+
+import gpu_trace  # benchmarks/, beside this script
 
 from m3jax import config as config_lib
 from m3jax.checkpoint import load_model
@@ -108,6 +114,13 @@ def run(args) -> dict:
                                       **timeline(outs, start)}
             print(mode, json.dumps({k: v for k, v in result[mode].items() if k != "stream"}),
                   json.dumps({k: v for k, v in result[mode]["stream"].items() if k != "events"}), flush=True)
+        if args.profile_dir:
+            for mode in ("none", "memory"):
+                for name, new_tokens in (("profile", args.new_tokens), ("prefill_profile", 1)):
+                    trace = f"{args.profile_dir}/{mode}_{name}"
+                    with jax.profiler.trace(trace):
+                        generator.generate(prompts, new_tokens, mode=mode)
+                    result[mode][name] = gpu_trace.busy(gpu_trace.kernel_events(trace)[0], 1)
     finally:
         shutil.rmtree(path, ignore_errors=True)
     result["memory_over_none"] = result["memory"]["tokens_per_s"] / result["none"]["tokens_per_s"]
@@ -129,6 +142,7 @@ def main() -> None:
     parser.add_argument("--stream_batches", type=int, default=6)
     parser.add_argument("--in_flight", type=int, default=2)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile_dir", default=None, help="trace one generate per mode and report its kernels")
     args = parser.parse_args()
     result = run(args)
     print(json.dumps({k: v for k, v in result.items() if k not in ("none", "memory", "rag")}, indent=1))

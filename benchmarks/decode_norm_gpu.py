@@ -55,7 +55,7 @@ def main() -> None:
         return decode_norm.add_and_norm(h, p, norm, "xla")
 
     def pallas(h, p, norm, warps):
-        new_h, x = decode_norm._pallas_add_and_norm(p, h.reshape(-1, args.dim), norm.weight[...], eps=norm.eps,
+        new_h, x = decode_norm.pallas_add_and_norm(p, h.reshape(-1, args.dim), norm.weight[...], eps=norm.eps,
                                                     out_dtype=jnp.dtype(norm.dtype), interpret=False, num_warps=warps)
         return new_h.reshape(h.shape), x.reshape(h.shape)
 

@@ -30,8 +30,10 @@ def kernel_events(trace_dir: str) -> tuple[list[dict], list[str]]:
 def busy(kernels: list[dict], steps: int) -> dict:
     """Kernel time, the union of kernel intervals over the traced span, and the top kernels per step."""
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
-    total_busy, end = 0.0, -1e30
+    total_busy, end, gaps = 0.0, spans[0][0], []
     for start, stop in spans:
+        if start > end:
+            gaps.append(start - end)
         if stop > end:
             total_busy += stop - max(start, end)
             end = stop
@@ -41,10 +43,21 @@ def busy(kernels: list[dict], steps: int) -> dict:
         total[e["name"]] += e["dur"]
         count[e["name"]] += 1
     return {"kernel_launches_per_step": len(kernels) / steps, "busy_share_of_span": total_busy / wall,
-            "span_ms": wall / 1e3, "busy_ms": total_busy / 1e3,
+            "span_ms": wall / 1e3, "busy_ms": total_busy / 1e3, "idle_gaps_per_step": _gaps(gaps, steps),
             "top_kernels_us_per_step": [(name[:120], round(us / steps, 1), count[name] // steps)
                                         for name, us in total.most_common(25)],
             "by_kind_us_per_step": _by_kind(total, count, steps)}
+
+
+def _gaps(gaps: list[float], steps: int) -> list:
+    """Idle gaps between kernels by length: short ones are launch latency, long ones a waiting host."""
+    bounds = (1, 3, 10, 100, float("inf"))
+    out, low = [], 0
+    for high in bounds:
+        inside = [g for g in gaps if low <= g < high]
+        out.append((f"{low}-{high} us", round(len(inside) / steps, 1), round(sum(inside) / steps, 1)))
+        low = high
+    return out  # (range, gaps per step, idle us per step)
 
 
 def _by_kind(total, count, steps: int) -> list:

@@ -31,7 +31,7 @@ def add_and_norm(h, partials, norm, impl: str):
     if partials.ndim != 3 or partials.shape[2] != dim or partials.shape[1] < h2.shape[0]:
         raise ValueError(f"partials of shape {partials.shape} cannot be added to a residual stream of {h.shape}")
     if impl == "pallas" and dm.power_of_two_parts(dim) is not None:
-        new_h, x = _pallas_add_and_norm(partials, h2, norm.weight[...], eps=norm.eps, out_dtype=jnp.dtype(norm.dtype),
+        new_h, x = pallas_add_and_norm(partials, h2, norm.weight[...], eps=norm.eps, out_dtype=jnp.dtype(norm.dtype),
                                         interpret=jax.default_backend() != "gpu")
         return new_h.reshape(h.shape), x.reshape(h.shape)
     new_h = h + partials.sum(axis=0)[:h2.shape[0]].reshape(h.shape).astype(h.dtype)
@@ -60,7 +60,9 @@ def _kernel(p_ref, h_ref, w_ref, h_out_ref, x_out_ref, *, parts, splits: int, ep
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "interpret", "num_warps"))
-def _pallas_add_and_norm(partials, h, weight, eps: float, out_dtype, interpret: bool, num_warps: int = 8):
+def pallas_add_and_norm(partials, h, weight, eps: float, out_dtype, interpret: bool, num_warps: int = 8):
+    """The kernel alone: partials (splits, >= m, dim) f32, h (m, dim), weight (dim,) -> (h + sum of partials,
+    its RMS norm in out_dtype). `add_and_norm` is the model's entry; this one is for benchmarks and tuning."""
     # 8 warps: the fastest of 1-16 in benchmarks/decode_norm_gpu.py (an H200; 4 warps gained nothing in a step)
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
