@@ -246,6 +246,8 @@ def test_top_p_and_temperature_sampling():
     ([[]], {}, "prompt 0 is empty"),
     ([[5] * 120], {"max_new_tokens": 20}, "exceeds the context of 128"),
     ([[5, 99999]], {}, "outside the vocabulary"),
+    ([[5], [7, -3]], {}, "prompt 1 holds token id -3, outside the vocabulary"),
+    ([[5, 2 ** 70]], {}, "outside the vocabulary"),
     ([[5]], {"temperature": -1.0}, "temperature"),
     ([[5]], {"top_p": 0.0}, "top_p"),
     ([[5]], {"mode": "beam"}, "mode must be one of"),
