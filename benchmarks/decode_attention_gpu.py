@@ -1,13 +1,15 @@
 """Decoding's cache attention, `m3_2p4b` shape (batch 32, 40/8 heads of dim 80, 264 stream positions,
-+ 24 memory slots with memory): the Pallas kernel's tilings against XLA's path (einsums, softmax and the
-two scatters writing the new key and value).
++ 40 memory slots with memory: 5 references x 8 tokens, as generation reads them): the Pallas kernel's
+tilings against XLA's path (einsums, softmax and the two scatters writing the new key and value).
 
     python benchmarks/decode_attention_gpu.py [--layers 8] [--json FILE] [--skip_sweep]
+                                              [--compare 128,1,2,3;...]
 
 One jitted call runs `--layers` layers, each with its own cache, donated and updated in place as in a
 decoding step. Microseconds per layer are GPU kernel time from a profiler trace (all kernels of the
 call: the Pallas kernel and, with splits, the merge; XLA's einsums, softmax and scatters); wall time of
 calls this short measures the host's dispatch more than the GPU. Errors are against float32.
+--compare: more tilings (keys per block, splits, warps, stages) timed in every case beside the default.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import gpu_trace  # benchmarks/, beside this script
 from m3jax.model import decode_attention as da
 from m3jax.model.attention import Attention
 
-B, HQ, HKV, D, STREAM, MEMORY = 32, 40, 8, 80, 264, 24
+B, HQ, HKV, D, STREAM, MEMORY = 32, 40, 8, 80, 264, 40
 
 
 def xla_path(q, k_new, v_new, cache_k, cache_v, write_at, memory_valid):
@@ -90,7 +92,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--json", default=None)
     parser.add_argument("--skip_sweep", action="store_true", help="only the default tiling against XLA's path")
+    parser.add_argument("--compare", default="", help="tilings timed in every case, e.g. '128,1,2,3;64,1,4,3'")
     args = parser.parse_args()
+    compare = [da.Tiling(*map(int, t.split(","))) for t in args.compare.split(";") if t]
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     report = {"sweep": [], "cases": []}
     tilings = [] if args.skip_sweep else itertools.product((32, 64, 128), (1, 2, 4), (2, 4), (2, 3))
@@ -99,7 +103,7 @@ def main() -> None:
         us = us_per_layer(pallas_path(tiling), 200, False, args.layers)
         report["sweep"].append({"tiling": tiling._asdict(), "us_per_layer": us})
         print(json.dumps(report["sweep"][-1]), flush=True)
-    best = sorted(report["sweep"], key=lambda r: r["us_per_layer"])[:3]
+    best = sorted(report["sweep"], key=lambda r: r["us_per_layer"])[:3] + [{"tiling": t._asdict()} for t in compare]
     for length, memory in itertools.product((136, 200, 263), (False, True)):  # prompt only, halfway, last
         row = {"stream_length": length, "memory": memory,
                "xla_us": us_per_layer(xla_path, length, memory, args.layers),
