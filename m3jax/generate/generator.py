@@ -72,6 +72,27 @@ def _decode(graphdef, treedef, weights, cache, token, write_at, memory_kv, key, 
     return tokens.T, cache
 
 
+def _token_lists(prompts) -> list[list[int]]:
+    """A batch of prompts as lists of Python ints; a clear error for text, a lone prompt or non-integer ids."""
+    if isinstance(prompts, (str, bytes)):
+        raise ValueError("prompts are token ids, got text: tokenize it first")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)):
+            raise ValueError(f"prompt {i} is text, not token ids: tokenize it first")
+        if isinstance(p, (int, np.integer)):
+            raise ValueError(f"prompt {i} is a single token id ({p}); a batch is a list of prompts, each a list of "
+                             "token ids (for one prompt, pass [prompt])")
+        ids = np.asarray(p)
+        integers = np.issubdtype(ids.dtype, np.integer) or (
+            ids.dtype == object and all(isinstance(t, (int, np.integer)) for t in ids.flat))  # ints past int64
+        if ids.ndim != 1 or not (integers or ids.size == 0):
+            raise ValueError(f"prompt {i} must be a flat sequence of integer token ids, got {ids.dtype} values of "
+                             f"shape {ids.shape}")
+        out.append([int(t) for t in ids.tolist()])
+    return out
+
+
 def kernels_as(state, dtype):
     """The state with every linear kernel in `dtype`. Linear layers cast their kernel to the compute dtype
     at each use: done once here, decoding reads half the bytes of f32 master weights and converts nothing
@@ -131,7 +152,7 @@ class Generator:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if in_flight < 1:
             raise ValueError(f"in_flight must be >= 1, got {in_flight}")
-        batches = [[list(map(int, p)) for p in prompts] for prompts in batches]
+        batches = [_token_lists(prompts) for prompts in batches]
         for prompts in batches:
             self._check_prompts(prompts, max_new_tokens)
         if in_flight == 1 or len(batches) == 1:
