@@ -32,7 +32,7 @@ def add_and_norm(h, partials, norm, impl: str):
         raise ValueError(f"partials of shape {partials.shape} cannot be added to a residual stream of {h.shape}")
     if impl == "pallas" and dm.power_of_two_parts(dim) is not None:
         new_h, x = pallas_add_and_norm(partials, h2, norm.weight[...], eps=norm.eps, out_dtype=jnp.dtype(norm.dtype),
-                                        interpret=jax.default_backend() != "gpu")
+                                       interpret=jax.default_backend() != "gpu")
         return new_h.reshape(h.shape), x.reshape(h.shape)
     new_h = h + partials.sum(axis=0)[:h2.shape[0]].reshape(h.shape).astype(h.dtype)
     return new_h, norm(new_h)
