@@ -118,6 +118,7 @@ def run(args) -> dict:
             for mode in ("none", "memory"):
                 for name, new_tokens in (("profile", args.new_tokens), ("prefill_profile", 1)):
                     trace = f"{args.profile_dir}/{mode}_{name}"
+                    generator.generate(prompts, new_tokens, mode=mode)  # compiles a new length outside the trace
                     with jax.profiler.trace(trace):
                         generator.generate(prompts, new_tokens, mode=mode)
                     result[mode][name] = gpu_trace.busy(gpu_trace.kernel_events(trace)[0], 1)
