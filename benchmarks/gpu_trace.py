@@ -29,6 +29,8 @@ def kernel_events(trace_dir: str) -> tuple[list[dict], list[str]]:
 
 def busy(kernels: list[dict], steps: int) -> dict:
     """Kernel time, the union of kernel intervals over the traced span, and the top kernels per step."""
+    if not kernels:  # e.g. traced on a machine without a GPU
+        return {"error": "no GPU kernel events in the trace"}
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
     total_busy, end, gaps = 0.0, spans[0][0], []
     for start, stop in spans:
