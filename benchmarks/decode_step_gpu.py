@@ -32,10 +32,6 @@ VARIANTS = {  # name: XLA flags, or (XLA flags, model config overrides)
     # CUDA graphs for shorter runs of kernels: the Pallas kernels split a layer's fusions into runs of 1-2.
     "graphs_min_1": "--xla_gpu_graph_min_graph_size=1",
     "graphs_min_2": "--xla_gpu_graph_min_graph_size=2",
-    # the norm kernel before each product reads that product's weights into L2 (decode_norm.prefetch_chunks)
-    "prefetch_25": ("", {"decode_prefetch": 0.25}),
-    "prefetch_50": ("", {"decode_prefetch": 0.5}),
-    "prefetch_100": ("", {"decode_prefetch": 1.0}),
 }
 
 

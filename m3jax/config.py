@@ -57,7 +57,6 @@ def base_config() -> ml_collections.ConfigDict:
     m.attention = "auto"  # auto: splash on TPU, cudnn_split on GPU (half precision), exact elsewhere
     m.decode_matmul = "auto"  # decoding's weight products; auto: split-K Pallas kernel on GPU, XLA elsewhere
     m.decode_attention = "auto"  # decoding's cache attention; auto: Pallas kernel on GPU, XLA elsewhere
-    m.decode_prefetch = 0.0  # fraction of each decode product's weights its norm kernel reads into L2 first
     m.bos_id = 1
     m.pad_id = 0
 
@@ -170,8 +169,6 @@ def validate(cfg) -> ml_collections.ConfigDict:
                           f"({m.num_kv_heads}): each KV head serves a whole group of query heads")
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim ({m.head_dim}) must be even for RoPE")
-    if not 0 <= m.decode_prefetch <= 1:
-        raise ConfigError(f"model.decode_prefetch must be in [0, 1], got {m.decode_prefetch}")
     if m.rope_theta <= 0 or m.norm_eps <= 0 or m.init_std <= 0:
         raise ConfigError("model.rope_theta, model.norm_eps and model.init_std must be positive")
     for f, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_POLICIES),

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from m3jax.model import decode_matmul as dm
-from m3jax.model.decode_norm import add_and_norm, prefetch_chunks
+from m3jax.model.decode_norm import add_and_norm
 from m3jax.model.layers import RMSNorm
 
 
@@ -80,19 +80,3 @@ def test_bad_input_is_named():
         dm.partial_products(jnp.ones((4, 8)), jnp.ones((9, 4)), "xla")
     with pytest.raises(ValueError, match="unknown decode matmul"):
         dm.partial_products(jnp.ones((4, 8)), jnp.ones((8, 4)), "cublas")
-
-
-@pytest.mark.parametrize("fraction", [0.3, 1.0])
-def test_prefetching_programs_leave_the_result_unchanged(fraction):
-    """The programs that read the next product's weights into L2 write nothing the caller sees."""
-    rng = np.random.default_rng(3)
-    h = jnp.asarray(rng.normal(size=(4, 1, 80)), jnp.float32)
-    partials = jnp.asarray(rng.normal(size=(2, 16, 80)), jnp.float32)
-    weights = jnp.asarray(rng.normal(size=(80, 2, 256)), jnp.bfloat16)  # 5 chunks of 8 x 1024
-    norm = norm_of(80, jnp.float32, 3)
-    assert prefetch_chunks(weights, fraction) == (2 if fraction == 0.3 else 5)
-    assert prefetch_chunks(weights[:, :, :100], 1.0) == 0  # not whole chunks: nothing is read ahead
-    plain = add_and_norm(h, partials, norm, "pallas")
-    ahead = add_and_norm(h, partials, norm, "pallas", weights, fraction)
-    for a, b in zip(plain, ahead):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

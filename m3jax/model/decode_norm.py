@@ -16,14 +16,13 @@ import jax.numpy as jnp
 from m3jax.model import decode_matmul as dm
 
 
-def add_and_norm(h, partials, norm, impl: str, prefetch=None, prefetch_fraction: float = 0.0):
+def add_and_norm(h, partials, norm, impl: str):
     """(h + product, norm(h + product)), rounded as `h + product.astype(h.dtype)` then `norm(...)` round.
 
     h: (..., dim) the residual stream; partials: None (nothing to add), or the product to add as
     `decode_matmul.partial_products` gives it, (splits, rows >= h's rows, dim) f32; norm: the
     `layers.RMSNorm` to apply; impl: "pallas" (the kernel where dim splits into power-of-two parts,
-    interpreted off GPU) or "xla". prefetch: None, or the weights the next product reads; the kernel's
-    spare programs read their first `prefetch_fraction` into the GPU's L2 cache (see `prefetch_chunks`).
+    interpreted off GPU) or "xla".
     """
     if partials is None:
         return h, norm(h)
@@ -32,32 +31,11 @@ def add_and_norm(h, partials, norm, impl: str, prefetch=None, prefetch_fraction:
     if partials.ndim != 3 or partials.shape[2] != dim or partials.shape[1] < h2.shape[0]:
         raise ValueError(f"partials of shape {partials.shape} cannot be added to a residual stream of {h.shape}")
     if impl == "pallas" and dm.power_of_two_parts(dim) is not None:
-        chunks = prefetch_chunks(prefetch, prefetch_fraction)
         new_h, x = pallas_add_and_norm(partials, h2, norm.weight[...], eps=norm.eps, out_dtype=jnp.dtype(norm.dtype),
-                                       interpret=jax.default_backend() != "gpu",
-                                       prefetch=None if chunks == 0 else prefetch, prefetch_chunks=chunks)
+                                       interpret=jax.default_backend() != "gpu")
         return new_h.reshape(h.shape), x.reshape(h.shape)
     new_h = h + partials.sum(axis=0)[:h2.shape[0]].reshape(h.shape).astype(h.dtype)
     return new_h, norm(new_h)
-
-
-CHUNK = (8, 1024)  # elements one prefetching program loads at a time (16 KB of bf16)
-PREFETCH_PROGRAMS = 264  # two per SM of an H200
-
-
-def prefetch_chunks(weights, fraction: float) -> int:
-    """How many CHUNK-sized pieces of `weights` to read ahead: 0 where there is nothing to read or the
-    weights do not split into whole chunks.
-
-    Why: the norm runs one program per row (32 at batch 32) and waits on latency, so HBM idles for its
-    ~6 us; the next product then streams its weights at ~2.4 TB/s. Reading them during the norm leaves
-    them in L2 (50 MB on an H100/H200) for the product."""
-    if weights is None or fraction <= 0:
-        return 0
-    size = CHUNK[0] * CHUNK[1]
-    if weights.size % size:
-        return 0
-    return max(1, int(round(min(fraction, 1.0) * (weights.size // size))))
 
 
 def _kernel(p_ref, h_ref, w_ref, h_out_ref, x_out_ref, *, parts, splits: int, eps: float, dim: int):
@@ -81,59 +59,26 @@ def _kernel(p_ref, h_ref, w_ref, h_out_ref, x_out_ref, *, parts, splits: int, ep
         x_out_ref[c] = (new_h * scale * w).astype(x_out_ref.dtype)
 
 
-def _prefetching_kernel(p_ref, h_ref, w_ref, pf_ref, h_out_ref, x_out_ref, sink_ref, *, rows: int, chunks: int,
-                        programs: int, **norm):
-    from jax.experimental import pallas as pl
-
-    i = pl.program_id(0)
-
-    @pl.when(i < rows)
-    def _():
-        _kernel(p_ref, h_ref, w_ref, h_out_ref, x_out_ref, **norm)
-
-    @pl.when(i >= rows)
-    def _():
-        first = i - rows  # program p reads chunks p, p + programs, ...: all programs start at the front
-        count = (chunks - first + programs - 1) // programs
-        total = jax.lax.fori_loop(0, count, lambda j, acc: acc + pf_ref[first + j * programs].astype(jnp.float32),
-                                  jnp.zeros(CHUNK, jnp.float32))
-        sink_ref[...] = jnp.full(sink_ref.shape, jnp.sum(total))  # a use, so the loads are not removed
-
-
-@functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "interpret", "num_warps", "prefetch_chunks",
-                                             "prefetch_programs"))
-def pallas_add_and_norm(partials, h, weight, eps: float, out_dtype, interpret: bool, num_warps: int = 8,
-                        prefetch=None, prefetch_chunks: int = 0, prefetch_programs: int = PREFETCH_PROGRAMS):
+@functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "interpret", "num_warps"))
+def pallas_add_and_norm(partials, h, weight, eps: float, out_dtype, interpret: bool, num_warps: int = 8):
     """The kernel alone: partials (splits, >= m, dim) f32, h (m, dim), weight (dim,) -> (h + sum of partials,
-    its RMS norm in out_dtype). With prefetch (any array of whole CHUNKs) and prefetch_chunks > 0,
-    `prefetch_programs` more programs read its first chunks. `add_and_norm` is the model's entry; this
-    one is for benchmarks and tuning."""
+    its RMS norm in out_dtype). `add_and_norm` is the model's entry; this one is for benchmarks and tuning."""
     # 8 warps: the fastest of 1-16 in benchmarks/decode_norm_gpu.py (an H200; 4 warps gained nothing in a step)
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     splits, _, dim = partials.shape
     m = h.shape[0]
-    norm = dict(parts=dm.power_of_two_parts(dim), splits=splits, eps=eps, dim=dim)
-    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-    row = lambda i: (jnp.minimum(i, m - 1), 0)  # noqa: E731  (prefetching programs past m store no rows)
-    in_specs = [pl.BlockSpec((splits, None, dim), lambda i: (0, jnp.minimum(i, m - 1), 0)),
-                pl.BlockSpec((None, dim), row),
-                pl.BlockSpec((dim,), lambda i: (0,))]
-    out_specs = [pl.BlockSpec((None, dim), row), pl.BlockSpec((None, dim), row)]
-    out_shape = [jax.ShapeDtypeStruct((m, dim), h.dtype), jax.ShapeDtypeStruct((m, dim), out_dtype)]
-    if prefetch is None or prefetch_chunks == 0:
-        return pl.pallas_call(functools.partial(_kernel, **norm), grid=(m,), in_specs=in_specs, out_specs=out_specs,
-                              out_shape=out_shape, compiler_params=params, interpret=interpret,
-                              name="decode_add_norm")(partials, h, weight)
-    chunked = prefetch.reshape(-1, *CHUNK)  # a bitcast of the contiguous weights, no copy
-    programs = min(prefetch_programs, prefetch_chunks)
-    new_h, x, _ = pl.pallas_call(
-        functools.partial(_prefetching_kernel, rows=m, chunks=prefetch_chunks, programs=programs, **norm),
-        grid=(m + programs,),
-        in_specs=in_specs + [pl.BlockSpec(chunked.shape, lambda i: (0, 0, 0))],
-        out_specs=out_specs + [pl.BlockSpec((None, 16), lambda i: (i, 0))],
-        out_shape=out_shape + [jax.ShapeDtypeStruct((m + programs, 16), jnp.float32)],
-        compiler_params=params, interpret=interpret, name="decode_add_norm_prefetch",
-    )(partials, h, weight, chunked)
-    return new_h, x
+    row = lambda i: (i, 0)  # noqa: E731
+    return pl.pallas_call(
+        functools.partial(_kernel, parts=dm.power_of_two_parts(dim), splits=splits, eps=eps, dim=dim),
+        grid=(m,),
+        in_specs=[pl.BlockSpec((splits, None, dim), lambda i: (0, i, 0)),
+                  pl.BlockSpec((None, dim), row),
+                  pl.BlockSpec((dim,), lambda i: (0,))],
+        out_specs=[pl.BlockSpec((None, dim), row), pl.BlockSpec((None, dim), row)],
+        out_shape=[jax.ShapeDtypeStruct((m, dim), h.dtype), jax.ShapeDtypeStruct((m, dim), out_dtype)],
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="decode_add_norm",
+    )(partials, h, weight)

@@ -27,7 +27,6 @@ class Block(nnx.Module):
                                                 rngs=rngs)
         self.mlp = MLP(m.hidden_size, m.mlp_dim, std=m.init_std, dtype=dt, param_dtype=pdt, rngs=rngs,
                        decode_matmul=self.self_attn.decode_matmul)
-        self.decode_prefetch = float(m.decode_prefetch)
 
     def __call__(self, h, cos, sin, mask, memory_kv=None, collect=False, fused=None):
         """fused: None, or this layer's `fuse_decode_weights` kernels (the state's are then placeholders)."""
@@ -50,10 +49,10 @@ class Block(nnx.Module):
         pending: the previous layer's last product, not yet added to h, as partial sums (None: nothing).
         Returns (h, this layer's last product as partial sums, cache_kv)."""
         impl = self.self_attn.decode_matmul
-        h, x = add_and_norm(h, pending, self.input_layernorm, impl, fused["qkv"], self.decode_prefetch)
+        h, x = add_and_norm(h, pending, self.input_layernorm, impl)
         a, cache_kv = self.self_attn.decode(x, cos, sin, cache_kv, write_at, memory_valid, fused["qkv"],
                                             update_cache=True, partials=True)
-        h, x = add_and_norm(h, a, self.post_attention_layernorm, impl, fused["gate_up"], self.decode_prefetch)
+        h, x = add_and_norm(h, a, self.post_attention_layernorm, impl)
         return h, self.mlp.fused(x, fused["gate_up"], partials=True), cache_kv
 
 

@@ -81,8 +81,7 @@ def restore_params(cfg, run_dir, abstract_state=None):
     saved = json.loads((run_dir / "config.json").read_text())
     ours = json.loads(config_lib.to_json(cfg))
     layout = ("layer_start", "num_layers", "reference_prefix_ids", "reference_len", "tokens_per_head")
-    # how to compute, not what: may change between stages
-    how = ("attention", "decode_matmul", "decode_attention", "decode_prefetch", "remat", "scan_layers")
+    how = ("attention", "decode_matmul", "decode_attention", "remat", "scan_layers")  # how to compute, not what: may change
 
     def what(model: dict) -> dict:
         return {k: v for k, v in model.items() if k not in how}
