@@ -2,10 +2,13 @@
 tokens, no memory) and, with --profile_dir, the GPU kernels that take its time.
 
     python benchmarks/prefill_gpu.py [--config m3_2p4b] [--batch 32] [--prompt 128] [--attention auto]
-                                     [--profile_dir DIR]
+                                     [--memory] [--profile_dir DIR]
 
 Times `Generator.generate(prompts, 1, mode="none")`: the prompt read into the KV cache and the first new
 token (its "prefill" seconds, no decoding loop); median of 10 calls after a compiling one.
+--memory: also the generator's jitted prefill alone, without and with random memories already on the
+device (each chunk reads refs_per_chunk x tokens_per_head of them at every memory layer): what memory
+adds to the device's prefill, with no retrieval or bank read.
 """
 from __future__ import annotations
 
@@ -21,12 +24,38 @@ from m3jax.checkpoint import load_model
 from m3jax.generate.generator import Generator
 
 
+def memory_prefill_ms(cfg, gen, prompts) -> dict:
+    """The generator's jitted prefill (what `generate` calls) without and with memories, ms (median of 20)."""
+    import jax.numpy as jnp
+
+    from m3jax.config import sink_len
+    from m3jax.model.lm import MemoryInputs
+    from timing import median_seconds  # benchmarks/, beside this script
+
+    m, mem = cfg.model, cfg.memory
+    b, t = len(prompts), len(prompts[0])
+    chunks = -(-t // mem.chunk_len)
+    kv = jax.random.normal(jax.random.key(0), (b, chunks, mem.refs_per_chunk, mem.num_layers, 2, m.num_kv_heads,
+                                               mem.tokens_per_head, m.head_dim), jnp.dtype(m.dtype))
+    memory = MemoryInputs(kv, jnp.ones(kv.shape[:3] + kv.shape[6:7], bool))
+    tokens, lengths = jnp.asarray(prompts, jnp.int32), jnp.full((b,), t, jnp.int32)
+    cache_len = sink_len(cfg) + t + 128
+    cache_len += -cache_len % 8
+
+    def prefill(memory, slots):
+        return gen._prefill(gen._weights, tokens, lengths, memory, cache_len=cache_len, memory_slots=slots)
+    return {"jitted_prefill_ms_no_memory": round(median_seconds(prefill, None, 0) * 1e3, 2),
+            "jitted_prefill_ms_memory": round(median_seconds(
+                prefill, memory, mem.refs_per_chunk * mem.tokens_per_head) * 1e3, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="m3_2p4b")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--attention", default="auto", help="model.attention: the prompt's attention kernel")
+    parser.add_argument("--memory", action="store_true", help="also time the jitted prefill with random memories")
     parser.add_argument("--profile_dir", default=None)
     args = parser.parse_args()
     cfg = config_lib.load(args.config, {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
@@ -37,6 +66,8 @@ def main() -> None:
     seconds = float(np.median([gen.generate(prompts, 1, mode="none").seconds["prefill"] for _ in range(10)]))
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch": args.batch,
            "prompt": args.prompt, "attention": args.attention, "prefill_ms": round(seconds * 1e3, 2)}
+    if args.memory:
+        out.update(memory_prefill_ms(cfg, gen, prompts))
     if args.profile_dir:
         with jax.profiler.trace(args.profile_dir):
             gen.generate(prompts, 1, mode="none")

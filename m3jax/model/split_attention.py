@@ -4,7 +4,8 @@ exact part over the few memory keys.
 A fused kernel (cuDNN) given one dense mask over `[memory | stream]` keys runs far slower than in its
 causal mode (~3.9x on an H200, benchmarks/RESULTS.md). Memory keys are few (Nm << T), so here they are
 scored exactly per chunk, the stream goes through the kernel's causal mode, and the two softmaxes merge
-through their log-sum-exps.
+through their log-sum-exps. With cuDNN (GPU), the memory part and the merge are one Pallas kernel
+(memory_merge.py); elsewhere they are the einsums below.
 
 The backward is that of the one merged softmax (as ring attention does it): with the merged output O
 and log-sum-exp L, every key j gets dS_ij = P_ij (dO_i . v_j - D_i), P_ij = exp(s_ij - L_i),
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m3jax.model import memory_merge
 from m3jax.model.masks import AttentionMask
 
 
@@ -124,8 +126,8 @@ class _Chunked:
         b, _, hkv, d = mem_k.shape
         self.keys = _windows(mem_k.reshape(b, c_m, per_chunk, hkv, d), self.chunks, layout.window, 0)
         self.values = _windows(mem_v.reshape(b, c_m, per_chunk, hkv, d), self.chunks, layout.window, 0)
-        valid = _windows(mem_valid.reshape(b, c_m, per_chunk), self.chunks, layout.window, False)  # (B, C, W)
-        self.reads = valid[:, :, None, None, None, :]  # against scores (B, C, Hkv, G, L, W)
+        self.valid = _windows(mem_valid.reshape(b, c_m, per_chunk), self.chunks, layout.window, False)  # (B, C, W)
+        self.reads = self.valid[:, :, None, None, None, :]  # against scores (B, C, Hkv, G, L, W)
 
     def split(self, x, fill=0):
         """(B, S+T, Hq, ...) -> (B, C, L, Hq, ...)."""
@@ -186,6 +188,13 @@ def _memory_objective(q, mem_k, mem_v, mem_valid, layout, lse, d_out, row_dot):
             - jnp.sum(view.per_chunk(row_dot) * probs.sum(-1)))
 
 
+def merge_parts(out_s, lse_s, out_m, lse_m, dtype):
+    """One softmax's (output in dtype, log-sum-exp) from two parts' over disjoint keys."""
+    lse = jnp.logaddexp(lse_s, lse_m)
+    w_s, w_m = jnp.exp(lse_s - lse)[..., None], jnp.exp(lse_m - lse)[..., None]
+    return (w_s * out_s.astype(jnp.float32) + w_m * out_m).astype(dtype), lse
+
+
 def _split_attention(layout, impl: str):
     @jax.custom_vjp
     def attention(q, k, v, mem_k, mem_v, kv_lengths, mem_valid):
@@ -195,10 +204,12 @@ def _split_attention(layout, impl: str):
         with jax.named_scope("stream_attention"):
             out_s, lse_s = _causal_with_lse(q, k, v, kv_lengths, impl)
         with jax.named_scope("memory_attention"):
-            out_m, lse_m = _memory_part(q, _Chunked(layout, q.shape[1], mem_k, mem_v, mem_valid))
-        lse = jnp.logaddexp(lse_s, lse_m)
-        w_s, w_m = jnp.exp(lse_s - lse)[..., None], jnp.exp(lse_m - lse)[..., None]
-        out = (w_s * out_s.astype(jnp.float32) + w_m * out_m).astype(q.dtype)
+            view = _Chunked(layout, q.shape[1], mem_k, mem_v, mem_valid)
+            if impl == "cudnn" and memory_merge.fits(layout.chunk_len, view.keys.shape[2], q.shape[-1]):
+                out, lse = memory_merge.merge_memory(q, out_s.astype(q.dtype), lse_s, view.keys, view.values,
+                                                     view.valid, sink=layout.sink_len, chunk_len=layout.chunk_len)
+            else:
+                out, lse = merge_parts(out_s, lse_s, *_memory_part(q, view), q.dtype)
         return out, (q, k, v, mem_k, mem_v, kv_lengths, mem_valid, out, lse)
 
     def backward(res, d_out):

@@ -1,0 +1,118 @@
+"""The memory part + merge kernel of split memory attention (Pallas, interpreted on the CPU) against the
+float64 loop reference of tests/naive.py, and against XLA's path in bf16."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import naive
+from m3jax.model import memory_merge
+from m3jax.model.attention import attend
+from m3jax.model.masks import context_mask
+from m3jax.model.split_attention import _causal_with_lse, _Chunked, _memory_part, merge_parts
+
+SINK = 3
+
+
+def case(seed, chunks=3, chunk_len=16, per_chunk=5, window=1, hq=4, hkv=2, d=80, dtype=np.float32, short=0):
+    """short: the last chunk has that many rows fewer (the kernel's last block runs past the rows)."""
+    rng = np.random.default_rng(seed)
+    b, t = 2, chunks * chunk_len - short
+    q = rng.normal(size=(b, SINK + t, hq, d)).astype(dtype)
+    k, v = (rng.normal(size=(b, SINK + t, hkv, d)).astype(dtype) for _ in range(2))
+    mem_k, mem_v = (rng.normal(size=(b, chunks, per_chunk, hkv, d)).astype(dtype) for _ in range(2))
+    mem_valid = rng.random((b, chunks, per_chunk)) < 0.7
+    mem_valid[0, 1] = False  # a chunk that reads no memory: its rows are the stream part's
+    padding = np.ones((b, t), bool)
+    padding[1, t - chunk_len // 2:] = False
+    mask = context_mask(jnp.asarray(padding), SINK, chunk_len,
+                        (np.repeat(np.arange(chunks), per_chunk), jnp.asarray(mem_valid).reshape(b, -1), window))
+    return q, k, v, mem_k, mem_v, mem_valid, padding, mask
+
+
+def merged(q, k, v, mem_k, mem_v, mask, kernel: bool):
+    """The stream part (XLA's causal attention with its log-sum-exp), then the kernel's or XLA's merge."""
+    b, c, m, hkv, d = mem_k.shape
+    with jax.default_matmul_precision("highest"):  # float32 products on a GPU default to TF32
+        out_s, lse_s = _causal_with_lse(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask.kv_lengths, "xla")
+    view = _Chunked(mask.layout, q.shape[1], jnp.asarray(mem_k).reshape(b, c * m, hkv, d),
+                    jnp.asarray(mem_v).reshape(b, c * m, hkv, d), mask.memory_valid)
+    if kernel:
+        return memory_merge.merge_memory(jnp.asarray(q), out_s, lse_s, view.keys, view.values, view.valid,
+                                         sink=SINK, chunk_len=mask.layout.chunk_len, interpret=True)
+    with jax.default_matmul_precision("highest"):
+        return merge_parts(out_s, lse_s, *_memory_part(jnp.asarray(q), view), q.dtype)
+
+
+@pytest.mark.parametrize("window,hq,hkv,short", [(1, 4, 2, 0), (2, 4, 2, 0), (1, 5, 1, 0), (1, 4, 2, 11)])
+def test_kernel_matches_naive_float64(window, hq, hkv, short):
+    q, k, v, mem_k, mem_v, mem_valid, padding, mask = case(window * 10 + hq + short, window=window, hq=hq, hkv=hkv,
+                                                           short=short)
+    out, lse = merged(q, k, v, mem_k, mem_v, mask, kernel=True)
+    key_valid = np.concatenate([np.ones((2, SINK), bool), padding], 1)
+    want = naive.attention(q, k, v, key_valid, SINK, 16, mem_k, mem_v, mem_valid, window)
+    real = key_valid  # rows past a row's padding are never read
+    np.testing.assert_allclose(np.asarray(out)[real], want[real], rtol=1e-5, atol=1e-5)
+    _, want_lse = merged(q, k, v, mem_k, mem_v, mask, kernel=False)
+    np.testing.assert_allclose(np.asarray(lse)[real], np.asarray(want_lse)[real], rtol=1e-6, atol=1e-5)
+
+
+def test_sink_rows_and_chunks_without_memory_keep_the_stream_part():
+    q, k, v, mem_k, mem_v, mem_valid, padding, mask = case(7)
+    with jax.default_matmul_precision("highest"):
+        out_s, lse_s = _causal_with_lse(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask.kv_lengths, "xla")
+    out, lse = merged(q, k, v, mem_k, mem_v, mask, kernel=True)
+    no_memory = slice(SINK + 16, SINK + 32)  # row 0's chunk 1 reads none
+    for rows in (np.s_[:, :SINK], np.s_[0, no_memory]):
+        np.testing.assert_allclose(np.asarray(out)[rows], np.asarray(out_s)[rows], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(lse)[rows], np.asarray(lse_s)[rows], rtol=1e-6)
+    assert not np.allclose(np.asarray(out)[1, no_memory], np.asarray(out_s)[1, no_memory])  # row 1's does
+
+
+def test_bf16_agrees_with_xlas_merge():
+    q, k, v, mem_k, mem_v, _, padding, mask = case(3, chunk_len=32, per_chunk=40, dtype=jnp.bfloat16)
+    got, got_lse = merged(q, k, v, mem_k, mem_v, mask, kernel=True)
+    want, want_lse = merged(q, k, v, mem_k, mem_v, mask, kernel=False)
+    assert got.dtype == jnp.bfloat16
+    real = np.concatenate([np.ones((2, SINK), bool), padding], 1)
+    np.testing.assert_allclose(np.asarray(got, np.float32)[real], np.asarray(want, np.float32)[real],
+                               rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(got_lse)[real], np.asarray(want_lse)[real], rtol=1e-3, atol=1e-3)
+
+
+def test_shapes_it_does_not_take_are_named():
+    assert memory_merge.fits(64, 40, 80)
+    assert not memory_merge.fits(24, 40, 80) and not memory_merge.fits(64, 40, 72)  # chunk length, head dim
+    assert not memory_merge.fits(64, memory_merge.MAX_SLOTS + 1, 80)
+    q = jnp.zeros((1, SINK + 40, 2, 80))
+    keys = jnp.zeros((1, 2, 5, 1, 80))
+    with pytest.raises(ValueError, match="does not take"):  # 40 rows after the sink are 3 chunks of 16, not 2
+        memory_merge.merge_memory(q, q, jnp.zeros(q.shape[:3]), keys, keys, jnp.ones((1, 2, 5), bool),
+                                  sink=SINK, chunk_len=16)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        memory_merge.merge_memory(q, q[:, 1:], jnp.zeros(q.shape[:3]), keys, keys, jnp.ones((1, 2, 5), bool),
+                                  sink=SINK, chunk_len=16)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's stream kernel runs on GPU only")
+def test_cudnn_split_attention_with_the_kernel_matches_naive():
+    """The whole split attention on a GPU (cuDNN stream part, this kernel's merge), forward and backward."""
+    q, k, v, mem_k, mem_v, mem_valid, padding, mask = case(5, chunk_len=64, per_chunk=40)
+    b, c, m, hkv, d = mem_k.shape
+    d_out = np.random.default_rng(0).normal(size=q.shape).astype(np.float32)
+
+    def f(q, k, v, mem_k, mem_v):
+        keys = jnp.concatenate([mem_k.reshape(b, c * m, hkv, d), k], axis=1)
+        values = jnp.concatenate([mem_v.reshape(b, c * m, hkv, d), v], axis=1)
+        return attend(q, keys, values, mask, "cudnn_split").astype(jnp.float32)
+
+    args = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, mem_k, mem_v)]
+    out, vjp = jax.vjp(f, *args)
+    grads = vjp(jnp.asarray(d_out))
+    key_valid = np.concatenate([np.ones((b, SINK), bool), padding], 1)
+    as64 = [np.asarray(x, np.float64) for x in args]
+    want, want_grads = naive.attention(*as64[:3], key_valid, SINK, 64, *as64[3:], mem_valid, 1, d_out=d_out)
+    np.testing.assert_allclose(np.asarray(out)[key_valid], want[key_valid], rtol=3e-2, atol=3e-2)
+    for name, g in zip(("q", "k", "v", "mem_k", "mem_v"), grads):
+        g, w = np.asarray(g, np.float64), want_grads[name]
+        assert np.linalg.norm(g - w) / np.linalg.norm(w) < 3e-2, name
