@@ -76,6 +76,24 @@ def activate(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
         yield
 
 
+def current():
+    """(mesh, rules) while traced under `constraints`, else None: kernels that XLA cannot partition
+    (Pallas calls) run under `shard_map` then."""
+    return _context.get()
+
+
+def mesh_axes(mesh, rules, name: str, size: int):
+    """The mesh axes the logical activation axis `name` maps to, if they divide `size`; else None."""
+    axes = dict(rules).get(name)
+    if axes is None:
+        return None
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    count = 1
+    for a in names:
+        count *= mesh.shape[a]
+    return axes if size % count == 0 else None
+
+
 def constrain(x, axes):
     """Sharding constraint for an activation with logical `axes`; a no-op outside `constraints`."""
     context = _context.get()

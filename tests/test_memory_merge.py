@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import naive
+from m3jax import sharding
 from m3jax.model import memory_merge
 from m3jax.model.attention import attend
 from m3jax.model.masks import context_mask
@@ -116,3 +117,26 @@ def test_cudnn_split_attention_with_the_kernel_matches_naive():
     for name, g in zip(("q", "k", "v", "mem_k", "mem_v"), grads):
         g, w = np.asarray(g, np.float64), want_grads[name]
         assert np.linalg.norm(g - w) / np.linalg.norm(w) < 3e-2, name
+
+
+def test_under_a_mesh_each_device_merges_its_own_rows():
+    """Traced under sharding constraints (data 2, fsdp 2, tensor 2 on 8 CPU devices), the kernel runs under
+    shard_map, batch over data x fsdp and kv heads over tensor, and gives the unsharded result."""
+    q, k, v, mem_k, mem_v, _, _, _ = case(9, hq=4, hkv=2)
+    q, k, v = (np.concatenate([x, x[::-1]]) for x in (q, k, v))  # batch 4: divisible by data x fsdp
+    mem_k, mem_v = (np.concatenate([x, x[::-1]]) for x in (mem_k, mem_v))
+    b, c, m, hkv, d = mem_k.shape
+    valid = np.random.default_rng(1).random((b, c * m)) < 0.8
+    mask = context_mask(jnp.ones((b, q.shape[1] - SINK), bool), SINK, 16,
+                        (np.repeat(np.arange(c), m), jnp.asarray(valid), 1))
+    want = merged(q, k, v, mem_k, mem_v, mask, kernel=True)
+    mesh = sharding.make_mesh((2, 2, 2))
+
+    @jax.jit
+    def sharded(q, k, v, mem_k, mem_v):
+        with sharding.constraints(mesh):
+            return merged(q, k, v, mem_k, mem_v, mask, kernel=True)
+    got = sharded(*(jnp.asarray(x) for x in (q, k, v, mem_k, mem_v)))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+    assert "shard_map" in str(jax.make_jaxpr(sharded)(*(jnp.asarray(x) for x in (q, k, v, mem_k, mem_v))))

@@ -14,7 +14,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from m3jax import sharding
 from m3jax.model import decode_matmul as dm
 
 MAX_SLOTS = 256  # memory keys a chunk may read for the kernel (one block of scores per query row)
@@ -91,9 +93,20 @@ def merge_memory(q, out_s, lse_s, keys, values, valid, *, sink: int, chunk_len: 
                          f"in {n} rows, {w} memory keys a chunk, {hq} / {hkv} heads of dim {d}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    out, lse = _pallas_merge(q.reshape(b, n, hkv, hq // hkv, d), out_s.reshape(b, n, hkv, hq // hkv, d),
-                             lse_s.astype(jnp.float32).reshape(b, n, hkv, hq // hkv), keys, values,
-                             valid.astype(jnp.int32), sink=sink, chunk_len=chunk_len, interpret=interpret)
+    group = hq // hkv
+    args = (q.reshape(b, n, hkv, group, d), out_s.reshape(b, n, hkv, group, d),
+            lse_s.astype(jnp.float32).reshape(b, n, hkv, group), keys, values, valid.astype(jnp.int32))
+    merge = functools.partial(_pallas_merge, sink=sink, chunk_len=chunk_len, interpret=interpret)
+    context = sharding.current()
+    if context is not None:  # XLA cannot partition a Pallas call: each device merges its own rows and heads
+        mesh, rules = context
+        batch = sharding.mesh_axes(mesh, rules, "act_batch", b)
+        heads = sharding.mesh_axes(mesh, rules, "act_kv_heads", hkv)
+        rows, row_lse = P(batch, None, heads, None, None), P(batch, None, heads, None)  # (B, S+T, Hkv, G, ...)
+        memory = P(batch, None, None, heads, None)  # (B, C, W, Hkv, D)
+        merge = jax.shard_map(merge, mesh=mesh, out_specs=(rows, row_lse), check_vma=False,
+                              in_specs=(rows, rows, row_lse, memory, memory, P(batch, None, None)))
+    out, lse = merge(*args)
     return out.reshape(b, n, hq, d), lse.reshape(b, n, hq)
 
 

@@ -91,16 +91,6 @@ def _heads_first(x):
     return jnp.swapaxes(x, 1, 2)
 
 
-def _mesh_axes(mesh, rules, name: str, size: int):
-    """The mesh axes the logical activation axis `name` maps to, if they divide `size`; else None."""
-    axes = dict(rules).get(name)
-    if axes is None:
-        return None
-    names = (axes,) if isinstance(axes, str) else tuple(axes)
-    count = int(np.prod([mesh.shape[a] for a in names]))
-    return axes if size % count == 0 else None
-
-
 def _on_tpu(mesh) -> bool:
     device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
     return device.platform == "tpu"
@@ -119,7 +109,7 @@ def splash_attention(q, k, v, mask: AttentionMask, interpret: bool | None = None
     layout = mask.layout
     if num_memory and (layout is None or len(layout.slot_chunks) != num_memory):
         raise ValueError(f"splash attention over {num_memory} memory keys needs a MemoryLayout that describes them")
-    context = sharding._context.get()  # (mesh, rules) while the model is traced under `constraints`
+    context = sharding.current()
     mesh = context[0] if context is not None else None
     if interpret is None:
         interpret = not _on_tpu(mesh)
@@ -128,9 +118,9 @@ def splash_attention(q, k, v, mask: AttentionMask, interpret: bool | None = None
     if mesh is None:
         return local(q, k, v, usable)
     rules = context[1]
-    batch = _mesh_axes(mesh, rules, "act_batch", b)
-    heads = _mesh_axes(mesh, rules, "act_heads", hq)
-    if heads is not None and _mesh_axes(mesh, rules, "act_heads", k.shape[2]) is None:
+    batch = sharding.mesh_axes(mesh, rules, "act_batch", b)
+    heads = sharding.mesh_axes(mesh, rules, "act_heads", hq)
+    if heads is not None and sharding.mesh_axes(mesh, rules, "act_heads", k.shape[2]) is None:
         heads = None  # the KV heads must split the same way as the query heads
     act, keys = P(batch, None, heads, None), P(batch, None)
     return jax.shard_map(local, mesh=mesh, in_specs=(act, act, act, keys), out_specs=act,
