@@ -6,7 +6,8 @@ passes per memory layer (transposes into chunk order and back, the softmax's red
 ~300 us per layer of a 32 x 128 prefill of `m3_2p4b` on an H200, three times the stream's cuDNN kernel
 (benchmarks/RESULTS.md). Here one program per (sequence, chunk, kv head) loads the chunk's memory keys
 once, scores its query heads' rows against them, and writes the merged output and log-sum-exp over the
-stream part's, in place: rows outside every chunk (the sink) keep the stream's values.
+stream part's, in place: rows outside every chunk (the sink) keep the stream's values. Memory's cost in
+that prefill went from 6.0 to 1.8 ms. Training's step hardly moves: its backward, unchanged, dominates.
 """
 from __future__ import annotations
 
