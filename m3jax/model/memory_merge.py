@@ -36,7 +36,7 @@ def _kernel(q_ref, k_ref, v_ref, valid_ref, out_s_ref, lse_s_ref, out_ref, lse_r
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    keys = max(16, 1 << (slots - 1).bit_length())  # Triton's blocks are powers of two; the tail is masked
+    keys = dm.dot_rows(slots)  # Triton's blocks are powers of two (>= 16 for its dot); the tail is masked
     first = sink + pl.program_id(1) * chunk_len
     rows = pl.ds(first, chunk_len)
     row_ok = first + jnp.arange(chunk_len) < q_ref.shape[0]  # the last chunk may run past the stream
