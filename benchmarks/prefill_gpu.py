@@ -28,7 +28,7 @@ def memory_prefill_ms(cfg, gen, prompts) -> dict:
     """The generator's jitted prefill (what `generate` calls) without and with memories, ms (median of 20)."""
     import jax.numpy as jnp
 
-    from m3jax.config import sink_len
+    from m3jax.generate.generator import cache_len
     from m3jax.model.lm import MemoryInputs
     from timing import median_seconds  # benchmarks/, beside this script
 
@@ -39,11 +39,10 @@ def memory_prefill_ms(cfg, gen, prompts) -> dict:
                                                mem.tokens_per_head, m.head_dim), jnp.dtype(m.dtype))
     memory = MemoryInputs(kv, jnp.ones(kv.shape[:3] + kv.shape[6:7], bool))
     tokens, lengths = jnp.asarray(prompts, jnp.int32), jnp.full((b,), t, jnp.int32)
-    cache_len = sink_len(cfg) + t + 128
-    cache_len += -cache_len % 8
+    positions = cache_len(cfg, t, 128)  # as generate(prompts, 128) allocates it
 
     def prefill(memory, slots):
-        return gen._prefill(gen._weights, tokens, lengths, memory, cache_len=cache_len, memory_slots=slots)
+        return gen._prefill(gen._weights, tokens, lengths, memory, cache_len=positions, memory_slots=slots)
     return {"jitted_prefill_ms_no_memory": round(median_seconds(prefill, None, 0) * 1e3, 2),
             "jitted_prefill_ms_memory": round(median_seconds(
                 prefill, memory, mem.refs_per_chunk * mem.tokens_per_head) * 1e3, 2)}

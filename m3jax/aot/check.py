@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 from m3jax import config as config_lib
 from m3jax import sharding
 from m3jax.aot import topology
+from m3jax.generate.generator import cache_len
 from m3jax.model.attention import resolve_impl
 from m3jax.model.lm import Memory3, MemoryInputs
 from m3jax.train.metrics import flops_per_token
@@ -99,9 +100,9 @@ def _inference_args(cfg, mesh, batch: int):
                 8: ("act_batch", None, None, None, None, "act_kv_heads", None, None)}
     sh = _by_rank(mesh, rules, kv_names)
     if hasattr(Memory3, "decode_step") and hasattr(Memory3, "prefill"):
-        cache_len = -(-(config_lib.sink_len(cfg) + t) // 8) * 8
+        positions = cache_len(cfg, t, 0)  # a whole context, prompt and new tokens, as Generator allocates it
         tokens = jax.ShapeDtypeStruct((batch, t), jnp.int32)
-        cache = jax.eval_shape(lambda p, x: nnx.merge(graphdef, p).prefill(x, cache_len=cache_len,
+        cache = jax.eval_shape(lambda p, x: nnx.merge(graphdef, p).prefill(x, cache_len=positions,
                                                                           memory_slots=refs * k)[1], params, tokens)
         cache = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, sh(x)), cache)
         mem_kv = _abstract((batch, refs, mem.num_layers, 2, m.num_kv_heads, k, m.head_dim), jnp.dtype(m.dtype),
@@ -117,7 +118,7 @@ def _inference_args(cfg, mesh, batch: int):
         args = (state, cache, _abstract((batch,), jnp.int32, rows), _abstract((batch,), jnp.int32, rows),
                 mem_kv, mem_valid)
         fn = jax.jit(decode, donate_argnums=1)
-        return fn, args, f"one decoding step, batch {batch}, KV cache of {cache_len} positions, {refs} memories"
+        return fn, args, f"one decoding step, batch {batch}, KV cache of {positions} positions, {refs} memories"
     chunks = t // mem.chunk_len
     kv = _abstract((batch, chunks, refs, mem.num_layers, 2, m.num_kv_heads, k, m.head_dim), jnp.dtype(m.dtype),
                    sh(jax.ShapeDtypeStruct((0,) * 8, jnp.int8)))

@@ -43,6 +43,12 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def cache_len(cfg, prompt_len: int, max_new_tokens: int) -> int:
+    """KV-cache positions for a prompt (padded to prompt_len tokens) and max_new_tokens more: the sink
+    too, rounded up to a multiple of 8 so that few lengths compile."""
+    return _round_up(sink_len(cfg) + prompt_len + max_new_tokens, 8)
+
+
 def _prefill(graphdef, treedef, weights, tokens, lengths, memory, *, cache_len, memory_slots):
     """The last prompt token's logits and the cache: per layer over `layer_states`, or stacked (None).
     weights: the leaves of (state, layer_states), treedef their structure (see `Generator.__init__`)."""
@@ -191,11 +197,11 @@ class Generator:
             took("retrieval", t0)
 
         t0 = time.perf_counter()
-        cache_len = _round_up(sink_len(self.cfg) + tokens.shape[1] + max_new_tokens, 8)
+        positions = cache_len(self.cfg, tokens.shape[1], max_new_tokens)
         # Memory mode: the memory layers' caches end in slots for one memory set (R references x k tokens).
         memory_slots = 0 if memory is None else first_kv[0].shape[1] * first_kv[0].shape[5]
         logits, cache = self._prefill(self._weights, jnp.asarray(tokens), jnp.asarray(lengths), memory,
-                                      cache_len=cache_len, memory_slots=memory_slots)
+                                      cache_len=positions, memory_slots=memory_slots)
         key = jax.random.key(seed)
         key, first_key = jax.random.split(key)
         token = next_token(logits, first_key, self.cfg.model.vocab_size, temperature, top_p)
