@@ -26,6 +26,7 @@ from flax import nnx
 
 from m3jax.config import sink_len
 from m3jax.generate.sampling import check_sampling, next_token
+from m3jax.rounding import round_up
 
 MODES = ("memory", "none", "rag")
 
@@ -39,14 +40,10 @@ class Generation:
     events: list = dataclasses.field(default_factory=list)  # (phase, start, end) in time.perf_counter seconds
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def cache_len(cfg, prompt_len: int, max_new_tokens: int) -> int:
     """KV-cache positions for a prompt (padded to prompt_len tokens) and max_new_tokens more: the sink
     too, rounded up to a multiple of 8 so that few lengths compile."""
-    return _round_up(sink_len(cfg) + prompt_len + max_new_tokens, 8)
+    return round_up(sink_len(cfg) + prompt_len + max_new_tokens, 8)
 
 
 def _prefill(graphdef, treedef, weights, tokens, lengths, memory, *, cache_len, memory_slots):
@@ -250,7 +247,7 @@ class Generator:
     def _pad(self, prompts):
         """Right-padded (B, T) with T a multiple of chunk_len (fewer shapes to compile), and lengths."""
         lengths = np.array([len(p) for p in prompts], np.int32)
-        tokens = np.full((len(prompts), _round_up(int(lengths.max()), self.chunk)), self.cfg.model.pad_id, np.int32)
+        tokens = np.full((len(prompts), round_up(int(lengths.max()), self.chunk)), self.cfg.model.pad_id, np.int32)
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = p
         return tokens, lengths

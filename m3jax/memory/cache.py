@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from m3jax.model.lm import MemoryInputs
+from m3jax.rounding import power_of_two_at_least, round_up
 
 NO_REFERENCE = -1  # an id meaning "nothing retrieved here" (e.g. dropped by the leakage filter)
 
@@ -98,9 +99,9 @@ def take_on_device(table, valid, inverse, *, parts: int = 8, min_bytes: int = 1 
     time). Rows are zero-padded so that few shapes compile: pieces to a multiple of 8 rows, and a small
     table to a power of two (its padding costs nothing worth saving)."""
     if table.nbytes < min_bytes:
-        parts, size = 1, max(8, 1 << (len(table) - 1).bit_length())
+        parts, size = 1, power_of_two_at_least(len(table), 8)
     else:
-        size = 8 * -(-len(table) // (8 * parts))  # ceil(rows / parts), rounded up to a multiple of 8
+        size = round_up(-(-len(table) // parts), 8)  # ceil(rows / parts), to a multiple of 8
     pieces = [_pad_rows(table[p * size:(p + 1) * size], size) for p in range(parts)]
     on_device = jax.device_put((pieces, _pad_rows(valid, parts * size), np.asarray(inverse, np.int32)))
     return _joined_take(*on_device)

@@ -32,18 +32,15 @@ from jax.sharding import PartitionSpec as P
 
 from m3jax import sharding
 from m3jax.model.masks import AttentionMask, MemoryLayout
+from m3jax.rounding import round_up
 
 BLOCK = 128  # kernel tile along queries and keys (TPU lanes)
-
-
-def _round_up(n: int, k: int) -> int:
-    return -(-n // k) * k
 
 
 def static_mask(tq: int, num_memory: int, layout: MemoryLayout | None) -> np.ndarray:
     """(Tq_padded, Tk_padded) bool: the structure of `[memory | stream]` attention, padded to blocks."""
     tk = num_memory + tq
-    out = np.zeros((_round_up(tq, BLOCK), _round_up(tk, BLOCK)), bool)
+    out = np.zeros((round_up(tq, BLOCK), round_up(tk, BLOCK)), bool)
     index = np.arange(tq)
     out[:tq, num_memory:tk] = index[None, :] <= index[:, None]
     if num_memory:
@@ -75,7 +72,7 @@ def _local_attention(q, k, v, key_usable, *, num_memory: int, layout, interpret:
     b, tq, hq, d = q.shape
     tk = k.shape[1]
     kernel = _kernel(tq, num_memory, layout, hq, interpret)
-    tq_pad, tk_pad = _round_up(tq, BLOCK), _round_up(tk, BLOCK)
+    tq_pad, tk_pad = round_up(tq, BLOCK), round_up(tk, BLOCK)
     q = jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), ((0, 0), (0, tq_pad - tq), (0, 0), (0, 0)))
     k = jnp.pad(k, ((0, 0), (0, tk_pad - tk), (0, 0), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, tk_pad - tk), (0, 0), (0, 0)))

