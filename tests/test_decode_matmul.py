@@ -74,6 +74,14 @@ def test_auto_is_the_kernel_on_gpu_only():
     assert dm.resolve_impl("xla", "gpu") == "xla"
 
 
+def test_a_jax_without_the_triton_backend_gets_xla_or_a_named_error(monkeypatch):
+    monkeypatch.setattr(dm, "triton_available", lambda: False)
+    assert dm.resolve_impl("auto", "gpu") == "xla"
+    with pytest.raises(ValueError, match="'pallas' needs Pallas' Triton backend"):
+        dm.resolve_impl("pallas", "gpu")
+    assert dm.resolve_impl("pallas", "cpu") == "pallas"  # the interpreter, as the CPU tests run it
+
+
 def test_generation_through_the_kernel_equals_generation_through_xla():
     prompts = np.random.default_rng(0).integers(5, 200, (3, 20)).tolist()
     out = {}

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from m3jax.rounding import power_of_two_at_least
+
 IMPLS = ("auto", "xla", "pallas")
 MAX_ROWS = 64  # beyond this a GEMM is no longer weight-bound at batch sizes worth a custom kernel
 
@@ -26,18 +28,35 @@ class Tiling(NamedTuple):
     num_stages: int = 5
 
 
+@functools.cache
+def triton_available() -> bool:
+    """Whether this JAX has Pallas' Triton backend, which the GPU kernels are written for (JAX is moving
+    Pallas on GPU to Mosaic GPU; a release without Triton gets XLA's paths, not an ImportError mid-trace)."""
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_impl(impl: str, platform: str | None = None, what: str = "decode matmul") -> str:
     """`auto`: the Pallas kernel on GPU, XLA elsewhere (for the decode matmul and the decode attention)."""
     if impl not in IMPLS:
         raise ValueError(f"unknown {what} {impl!r}; expected one of {IMPLS}")
+    on_gpu = (platform or jax.default_backend()) == "gpu"
+    if on_gpu and impl != "xla" and not triton_available():
+        if impl == "pallas":
+            raise ValueError(f"{what} 'pallas' needs Pallas' Triton backend (jax.experimental.pallas.triton), "
+                             f"which this JAX {jax.__version__} lacks; use 'xla' or 'auto'")
+        return "xla"
     if impl != "auto":
         return impl
-    return "pallas" if (platform or jax.default_backend()) == "gpu" else "xla"
+    return "pallas" if on_gpu else "xla"
 
 
 def dot_rows(m: int) -> int:
     """Rows a Triton kernel computes for m: a power of two >= 16 (Triton's tensor-core dot needs 16)."""
-    return max(16, 1 << (m - 1).bit_length())
+    return power_of_two_at_least(m, 16)
 
 
 def pick_tiling(m: int, k: int, n: int, blocks_wanted: int = 100) -> Tiling | None:

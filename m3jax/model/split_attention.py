@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m3jax.model import memory_merge
+from m3jax.model import decode_matmul as dm, memory_merge
 from m3jax.model.masks import AttentionMask
 
 
@@ -205,7 +205,8 @@ def _split_attention(layout, impl: str):
             out_s, lse_s = _causal_with_lse(q, k, v, kv_lengths, impl)
         with jax.named_scope("memory_attention"):
             view = _Chunked(layout, q.shape[1], mem_k, mem_v, mem_valid)
-            if impl == "cudnn" and memory_merge.fits(layout.chunk_len, view.keys.shape[2], q.shape[-1]):
+            if (impl == "cudnn" and memory_merge.fits(layout.chunk_len, view.keys.shape[2], q.shape[-1])
+                    and dm.triton_available()):
                 out, lse = memory_merge.merge_memory(q, out_s.astype(q.dtype), lse_s, view.keys, view.values,
                                                      view.valid, sink=layout.sink_len, chunk_len=layout.chunk_len)
             else:
