@@ -3,6 +3,8 @@ and how busy the GPU is during a step.
 
     python benchmarks/decode_step_gpu.py [--config m3_2p4b] [--variants a,b] [--profile_dir DIR]
 
+Variants: XLA flags, model config fields (decode kernels on or off), or decode-matmul tilings (TILINGS).
+
 Each variant runs in its own process (XLA flags are read once per process). Steps = 127 (128 new
 tokens, no memory); the weight bytes read per step give the bandwidth bound. With --profile_dir, the
 default variant is traced once more: the share of the decode wall time in which a GPU kernel runs,
@@ -33,6 +35,35 @@ VARIANTS = {  # name: XLA flags, or (XLA flags, model config overrides)
     "graphs_min_1": "--xla_gpu_graph_min_graph_size=1",
     "graphs_min_2": "--xla_gpu_graph_min_graph_size=2",
 }
+# Decode-matmul tilings tried inside the step (the kernel's own sweep, decode_matmul_gpu.py, times one
+# product alone): "KxN" -> Tiling fields for that weight shape, "all" -> fields replaced in every pick.
+TILINGS = {
+    "qkv_n64": {"3200x4480": [64, 64, 5]},
+    "qkv_n64_s2": {"3200x4480": [64, 64, 2]},
+    "square_n64_s2": {"3200x3200": [64, 64, 2]},
+    "square_s10": {"3200x3200": [128, 64, 10]},
+    "gate_up_n64_s2": {"3200x6400": [64, 64, 2]},
+    "warps_8": {"all": {"num_warps": 8}},
+    "stages_3": {"all": {"num_stages": 3}},
+}
+for _name, _spec in TILINGS.items():
+    VARIANTS[_name] = ("", {"_tiling": _spec})
+
+
+def use_tilings(spec: dict) -> None:
+    """Make decode_matmul.pick_tiling return the tilings of `spec` (see TILINGS) in this process."""
+    from m3jax.model import decode_matmul as dm
+
+    chosen = dm.pick_tiling
+
+    def pick(m, k, n, blocks_wanted=100):
+        tiling = chosen(m, k, n, blocks_wanted)
+        if tiling is None:
+            return None
+        tiling = tiling._replace(**spec.get("all", {}))
+        return dm.Tiling(*spec[f"{k}x{n}"]) if f"{k}x{n}" in spec else tiling
+
+    dm.pick_tiling = pick
 
 
 def gpu_busy(trace_dir: str, steps: int) -> dict:
@@ -48,6 +79,9 @@ def child(config: str, profile_dir: str | None, overrides: dict) -> dict:
     from m3jax.checkpoint import load_model
     from m3jax.generate.generator import Generator
 
+    if "_tiling" in overrides:
+        overrides = dict(overrides)
+        use_tilings(overrides.pop("_tiling"))
     cfg = config_lib.load(config, {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
                                    **{f"model.{k}": v for k, v in overrides.items()}})
     model = load_model(cfg, "random:0")
