@@ -36,13 +36,19 @@ VARIANTS = {  # name: XLA flags, or (XLA flags, model config overrides)
     "graphs_min_2": "--xla_gpu_graph_min_graph_size=2",
 }
 # Decode-matmul tilings tried inside the step (the kernel's own sweep, decode_matmul_gpu.py, times one
-# product alone): "KxN" -> Tiling fields for that weight shape, "all" -> fields replaced in every pick.
+# product alone): "KxN" -> Tiling fields for that weight shape, "all" -> fields replaced in every pick,
+# "blocks_wanted" -> pick_tiling's target of programs per product, "tuned" -> its argument.
 TILINGS = {
     "qkv_n64": {"3200x4480": [64, 64, 5]},
     "qkv_n64_s2": {"3200x4480": [64, 64, 2]},
+    "qkv_n64_s10": {"3200x4480": [64, 64, 10]},
+    "qkv_n32": {"3200x4480": [32, 64, 5]},
     "square_n64_s2": {"3200x3200": [64, 64, 2]},
     "square_s10": {"3200x3200": [128, 64, 10]},
     "gate_up_n64_s2": {"3200x6400": [64, 64, 2]},
+    "untuned": {"tuned": False},  # the rule alone, without decode_matmul.TUNED
+    "blocks_250": {"blocks_wanted": 250},
+    "blocks_350": {"blocks_wanted": 350},
     "warps_8": {"all": {"num_warps": 8}},
     "stages_3": {"all": {"num_stages": 3}},
 }
@@ -56,8 +62,8 @@ def use_tilings(spec: dict) -> None:
 
     chosen = dm.pick_tiling
 
-    def pick(m, k, n, blocks_wanted=100):
-        tiling = chosen(m, k, n, blocks_wanted)
+    def pick(m, k, n, blocks_wanted=100, tuned=True):
+        tiling = chosen(m, k, n, spec.get("blocks_wanted", blocks_wanted), spec.get("tuned", tuned))
         if tiling is None:
             return None
         tiling = tiling._replace(**spec.get("all", {}))

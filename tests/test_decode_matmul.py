@@ -42,13 +42,20 @@ def test_decode_matmul_keeps_leading_and_trailing_axes_and_the_output_dtype():
 
 def test_tiling_covers_the_shape_and_fills_the_gpu():
     for m, k, n in [(32, 3200, 4480), (32, 3200, 3200), (32, 3200, 6400), (32, 3200, 60416), (8, 512, 1024)]:
-        t = dm.pick_tiling(m, k, n)
+        t = dm.pick_tiling(m, k, n, tuned=False)
         assert n % t.block_n == 0 and k % t.block_k == 0 and (k // t.block_k) % t.splits == 0
         steps = k // t.block_k
         fewer = [s for s in range(1, t.splits) if steps % s == 0]
         # the fewest splits that reach 100 blocks (or all of them when none does)
         assert (n // t.block_n) * t.splits >= 100 or t.splits == steps
         assert all((n // t.block_n) * s < 100 for s in fewer)
+
+
+def test_tuned_tilings_cover_their_shape_and_only_it():
+    for (rows, k, n), t in dm.TUNED.items():
+        assert n % t.block_n == 0 and k % t.block_k == 0 and (k // t.block_k) % t.splits == 0
+        assert dm.pick_tiling(rows, k, n) == t and dm.pick_tiling(rows - 1, k, n) == t  # same padded rows
+        assert dm.pick_tiling(rows // 2, k, n) == dm.pick_tiling(rows // 2, k, n, tuned=False) != t
 
 
 @pytest.mark.parametrize("m,k,n", [(65, 256, 256), (8, 100, 256), (8, 256, 100)])

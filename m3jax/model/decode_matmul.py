@@ -59,14 +59,23 @@ def dot_rows(m: int) -> int:
     return power_of_two_at_least(m, 16)
 
 
-def pick_tiling(m: int, k: int, n: int, blocks_wanted: int = 100) -> Tiling | None:
+# Tilings timed inside a whole decoding step (benchmarks/decode_step_gpu.py, H200; RESULTS.md), keyed by
+# (dot_rows(m), k, n); they beat the rule below there. m3_2p4b's fused q/k/v product at batch 32: 64
+# columns a block (350 programs) instead of 128 (175), 0.7-0.8% of a step.
+TUNED = {(32, 3200, 4480): Tiling(64, 64, 5)}
+
+
+def pick_tiling(m: int, k: int, n: int, blocks_wanted: int = 100, tuned: bool = True) -> Tiling | None:
     """A tiling for (m, k) @ (k, n), or None when the kernel does not fit the shape (XLA's dot then).
 
     blocks_wanted: the sweep of benchmarks/decode_matmul_gpu.py on an H200 (132 SMs) favoured 100-175
     blocks of 128 columns x 64-row steps: more splits cost more in partial sums than they gain.
+    tuned: take a shape's measured tiling from TUNED where it has one.
     """
     if dot_rows(m) > MAX_ROWS:
         return None
+    if tuned and (dot_rows(m), k, n) in TUNED:
+        return TUNED[dot_rows(m), k, n]
     block_n = next((b for b in (128, 64, 32) if n % b == 0), None)
     block_k = next((b for b in (64, 32) if k % b == 0), None)
     if block_n is None or block_k is None:
