@@ -21,10 +21,9 @@ from jax.ad_checkpoint import checkpoint_name
 from m3jax.model import decode_attention as da
 from m3jax.model import decode_matmul as dm
 from m3jax.model.layers import Linear, apply_rope
-from m3jax.model.masks import AttentionMask
+from m3jax.model.masks import MASKED_SCORE, AttentionMask
 from m3jax.sharding import constrain
 
-_NEG = float(jnp.finfo(jnp.float32).min)
 
 
 def resolve_impl(impl: str, dtype, platform: str | None = None) -> str:
@@ -51,7 +50,7 @@ def exact_attention(q, k, v, mask):
     qg = q.reshape(b, tq, hkv, hq // hkv, d)
     scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (d ** -0.5)
-    scores = jnp.where(mask[:, :, None], scores, _NEG)
+    scores = jnp.where(mask[:, :, None], scores, MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, tq, hq, d).astype(q.dtype)
@@ -185,7 +184,7 @@ class Attention(nnx.Module):
             ok = jnp.concatenate([ok[:, :cache_k.shape[1] - memory_valid.shape[1]], memory_valid], axis=1)
         scale = d ** -0.5
         scores = jnp.einsum("bhgd,bkhd->bhgk", qg, cache_k.astype(qg.dtype), preferred_element_type=jnp.float32)
-        scores = jnp.where(ok[:, None, None, :], scores * scale, _NEG)
+        scores = jnp.where(ok[:, None, None, :], scores * scale, MASKED_SCORE)
         own = jnp.einsum("bhgd,bhd->bhg", qg, k_rot[:, 0], preferred_element_type=jnp.float32)[..., None] * scale
         top = jnp.maximum(scores.max(axis=-1, keepdims=True), own)
         weights, own = jnp.exp(scores - top), jnp.exp(own - top)

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from m3jax.model import decode_matmul as dm
+from m3jax.model.masks import MASKED_SCORE
 
 IMPLS = dm.IMPLS
 MAX_GROUP = 64  # query heads per kv head the kernel takes (rows of its dot)
-_NEG = float(jnp.finfo(jnp.float32).min)
 
 
 def resolve_impl(impl: str, platform: str | None = None) -> str:
@@ -65,7 +65,7 @@ def _kernel(write_at_ref, qkv_ref, k_ref, v_ref, *refs, parts, group, kv_heads, 
     top, total = own * scale, ones
     acc = [jnp.broadcast_to(vp.astype(jnp.float32)[None, :], (rows, size)) for vp, (_, size) in zip(v_new, parts)]
     if splits > 1:
-        top = jnp.where(first, top, jnp.full_like(top, _NEG))
+        top = jnp.where(first, top, jnp.full_like(top, MASKED_SCORE))
         total = jnp.where(first, total, 0 * ones)
         acc = [jnp.where(first, a, 0 * a) for a in acc]
 
@@ -82,7 +82,7 @@ def _kernel(write_at_ref, qkv_ref, k_ref, v_ref, *refs, parts, group, kv_heads, 
                                          (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                                          precision=precision)
                      for qp, (off, size) in zip(q, parts))
-        scores = jnp.where(ok[None, :], scores * scale, _NEG)
+        scores = jnp.where(ok[None, :], scores * scale, MASKED_SCORE)
         new_top = jnp.maximum(top, scores.max(axis=1))
         weights = jnp.where(ok[None, :], jnp.exp(scores - new_top[:, None]), 0.0)
         decay = jnp.exp(top - new_top)

@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The score a masked key gets before a softmax: finite, so that a row with every key masked gives
+# exp(score - max) = 1 rather than the NaN of inf - inf (each softmax zeroes such rows by its own mask).
+MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 
 @dataclasses.dataclass(frozen=True)
 class MemoryLayout:

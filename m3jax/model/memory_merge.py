@@ -19,9 +19,9 @@ from jax.sharding import PartitionSpec as P
 
 from m3jax import sharding
 from m3jax.model import decode_matmul as dm
+from m3jax.model.masks import MASKED_SCORE
 
 MAX_SLOTS = 256  # memory keys a chunk may read for the kernel (one block of scores per query row)
-_NEG = float(jnp.finfo(jnp.float32).min)
 
 
 def fits(chunk_len: int, slots: int, head_dim: int) -> bool:
@@ -50,7 +50,7 @@ def _kernel(q_ref, k_ref, v_ref, valid_ref, out_s_ref, lse_s_ref, out_ref, lse_r
         q = [plgpu.load(q_ref.at[rows, g, pl.ds(off, size)], mask=row_ok[:, None], other=0) for off, size in parts]
         scores = sum(jax.lax.dot_general(qp, kp, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                                          precision=precision) for qp, kp in zip(q, k))
-        scores = jnp.where(ok[None, :], scores * scale, _NEG)
+        scores = jnp.where(ok[None, :], scores * scale, MASKED_SCORE)
         top = scores.max(axis=1)
         e = jnp.where(ok[None, :], jnp.exp(scores - top[:, None]), 0.0)
         z = e.sum(axis=1)
@@ -60,7 +60,7 @@ def _kernel(q_ref, k_ref, v_ref, valid_ref, out_s_ref, lse_s_ref, out_ref, lse_r
         lse_m = jnp.where(reads, top + jnp.log(z), -jnp.inf)
         lse_s = plgpu.load(lse_s_ref.at[rows, g], mask=row_ok, other=0)
         high = jnp.maximum(lse_s, lse_m)
-        high = jnp.where(high > _NEG, high, 0.0)  # both -inf: weights 0 below, not NaN
+        high = jnp.where(high > MASKED_SCORE, high, 0.0)  # both -inf: weights 0 below, not NaN
         w_s, w_m = jnp.exp(lse_s - high), jnp.exp(lse_m - high)
         total = w_s + w_m
         merged = total > 0

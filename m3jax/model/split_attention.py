@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m3jax.model import decode_matmul as dm, memory_merge
-from m3jax.model.masks import AttentionMask
+from m3jax.model.masks import MASKED_SCORE, AttentionMask
 
 
 def _cudnn():
@@ -97,7 +97,7 @@ def _heads(x, hkv):
 def _fixed_softmax(scores, allowed, lse):
     """exp(s - L) where allowed, else 0; safe where L = -inf (a query that reads nothing here)."""
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(allowed, scores, MASKED_SCORE)
     return jnp.where(allowed, jnp.exp(scores - lse), 0.0)
 
 
@@ -172,7 +172,7 @@ def _memory_part(q, view: _Chunked):
     sink reads none): (out (B, S+T, Hq, D) f32, lse (B, S+T, Hq), -inf where a query reads no memory)."""
     scores = view.scores(q)
     any_read = view.reads.any(axis=-1)
-    scores = jnp.where(view.reads, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(view.reads, scores, MASKED_SCORE)
     top = jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
     e = jnp.where(view.reads, jnp.exp(scores - top), 0.0)
     z = jnp.where(any_read, e.sum(axis=-1), 1.0)
