@@ -58,6 +58,17 @@ def test_tuned_tilings_cover_their_shape_and_only_it():
         assert dm.pick_tiling(rows // 2, k, n) == dm.pick_tiling(rows // 2, k, n, tuned=False) != t
 
 
+
+@pytest.mark.parametrize("shape", sorted(dm.TUNED))
+def test_tuned_tilings_compute_their_product(shape):
+    rows, k, n = shape  # on the GPU this runs the tuned warps and stages; the interpreter checks the blocks
+    x = jax.random.normal(jax.random.key(4), (rows, k), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(5), (k, n), jnp.bfloat16)
+    got = dm.pallas_matmul(x, w, dm.TUNED[shape], interpret=jax.default_backend() != "gpu", out_dtype=jnp.float32)
+    want = _reference(x.astype(jnp.float32), w.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-3)  # f32 sums of exact bf16 products
+
+
 @pytest.mark.parametrize("m,k,n", [(65, 256, 256), (8, 100, 256), (8, 256, 100)])
 def test_shapes_the_kernel_does_not_fit_take_xlas_dot(m, k, n):
     assert dm.pick_tiling(m, k, n) is None
