@@ -225,6 +225,8 @@ def test_bad_inputs_get_clear_errors():
     model = Memory3(cfg, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"tokens\[1, 3\] = 2048 is outside the vocabulary"):
         model(jnp.zeros((2, 8), jnp.int32).at[1, 3].set(2048))
+    with pytest.raises(ValueError, match=r"tokens\[0, 1\] = -1 is outside the vocabulary"):
+        model.prefill(jnp.zeros((2, 8), jnp.int32).at[0, 1].set(-1), cache_len=64)
     with pytest.raises(ValueError, match=r"shape \(batch, length\)"):
         model(jnp.zeros((8,), jnp.int32))
     with pytest.raises(TypeError, match="integer token ids"):
@@ -242,6 +244,17 @@ def test_bad_inputs_get_clear_errors():
         write_memories(model, np.ones((2, 8), int), np.array([8, 0]))
     with pytest.raises(ValueError, match="reference 0 token 2 = -1"):
         write_memories(model, np.array([[5, 6, -1, 0]]), np.array([3]))
+
+
+def test_concrete_token_ids_are_checked_once_per_call(monkeypatch):
+    model = Memory3(tiny(), rngs=nnx.Rngs(0))
+    checked = []
+    check = model._check_tokens
+    monkeypatch.setattr(model, "_check_tokens", lambda tokens, name: checked.append(name) or check(tokens, name))
+    tokens = jnp.ones((2, 8), jnp.int32)
+    model(tokens)
+    model.prefill(tokens, cache_len=64)
+    assert checked == ["tokens", "tokens"]  # one pass over the ids per call (prefill used to make two)
 
 
 def test_prefill_logits_at_one_position_per_row_are_those_of_the_full_forward():

@@ -100,7 +100,7 @@ class Memory3(nnx.Module):
 
         Returns logits (B, T, padded_vocab) in f32; logits[:, t] predicts tokens[:, t+1].
         """
-        return self._forward(tokens, memory, padding_mask, collect_kv=False)[0]
+        return self._forward(self._check_tokens(tokens, "tokens"), memory, padding_mask, collect_kv=False)[0]
 
     def prefill(self, tokens, *, cache_len: int, memory: MemoryInputs | None = None, padding_mask=None,
                 memory_slots: int = 0, logits_at=None, layer_states=None):
@@ -189,8 +189,8 @@ class Memory3(nnx.Module):
 
     def _forward(self, tokens, memory, padding_mask, collect_kv: bool, logits_at=None, layer_states=None,
                  room=None):
-        """layer_states, room: as `prefill` (per-layer weights; cache positions after the stream by is_memory)."""
-        tokens = self._check_tokens(tokens, "tokens")
+        """tokens: checked by the caller (`_check_tokens`, once: on concrete ids it is a pass over them).
+        layer_states, room: as `prefill` (per-layer weights; cache positions after the stream by is_memory)."""
         b, t = tokens.shape
         if logits_at is not None and jnp.shape(logits_at) != (b,):
             raise ValueError(f"logits_at has shape {jnp.shape(logits_at)}, expected ({b},): one position per row")
