@@ -75,8 +75,9 @@ def _decode(graphdef, treedef, weights, cache, token, write_at, memory_kv, key, 
     return tokens.T, cache
 
 
-def _token_lists(prompts) -> list[list[int]]:
-    """A batch of prompts as lists of Python ints; a clear error for text, a lone prompt or non-integer ids."""
+def _token_lists(prompts, vocab_size: int) -> list[list[int]]:
+    """A batch of prompts as lists of Python ints; a clear error for text, a lone prompt, non-integer ids or
+    ids outside [0, vocab_size) (checked here, in the one pass over the ids)."""
     if isinstance(prompts, (str, bytes)):
         raise ValueError("prompts are token ids, got text: tokenize it first")
     out = []
@@ -92,6 +93,10 @@ def _token_lists(prompts) -> list[list[int]]:
         if ids.ndim != 1 or not (integers or ids.size == 0):
             raise ValueError(f"prompt {i} must be a flat sequence of integer token ids, got {ids.dtype} values of "
                              f"shape {ids.shape}")
+        bad = np.flatnonzero([not 0 <= t < vocab_size for t in ids.flat] if ids.dtype == object
+                             else (ids < 0) | (ids >= vocab_size))
+        if bad.size:
+            raise ValueError(f"prompt {i} holds token id {ids.flat[bad[0]]}, outside the vocabulary [0, {vocab_size})")
         out.append([int(t) for t in ids.tolist()])
     return out
 
@@ -155,7 +160,8 @@ class Generator:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if in_flight < 1:
             raise ValueError(f"in_flight must be >= 1, got {in_flight}")
-        batches = [_token_lists(prompts) for prompts in batches]
+        vocab = self.cfg.model.vocab_size  # read once: config lookups are slow
+        batches = [_token_lists(prompts, vocab) for prompts in batches]
         for prompts in batches:
             self._check_prompts(prompts, max_new_tokens)
         if in_flight == 1 or len(batches) == 1:
@@ -233,16 +239,13 @@ class Generator:
     def _check_prompts(self, prompts, max_new_tokens: int) -> None:
         if not prompts:
             raise ValueError("no prompts given")
-        limit, vocab = self.cfg.data.seq_len, self.cfg.model.vocab_size  # read once: config lookups are slow
+        limit = self.cfg.data.seq_len
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
             if len(p) + max_new_tokens > limit:
                 raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
                                  f"the context of {limit} tokens (data.seq_len)")
-            bad = [t for t in p if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt {i} holds token id {bad[0]}, outside the vocabulary [0, {vocab})")
 
     def _pad(self, prompts):
         """Right-padded (B, T) with T a multiple of chunk_len (fewer shapes to compile), and lengths."""
