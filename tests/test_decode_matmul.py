@@ -58,7 +58,6 @@ def test_tuned_tilings_cover_their_shape_and_only_it():
         assert dm.pick_tiling(rows // 2, k, n) == dm.pick_tiling(rows // 2, k, n, tuned=False) != t
 
 
-
 @pytest.mark.parametrize("shape", sorted(dm.TUNED))
 def test_tuned_tilings_compute_their_product(shape):
     rows, k, n = shape  # on the GPU this runs the tuned warps and stages; the interpreter checks the blocks
