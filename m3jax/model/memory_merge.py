@@ -22,6 +22,10 @@ from m3jax.model import decode_matmul as dm
 from m3jax.model.masks import MASKED_SCORE
 
 MAX_SLOTS = 256  # memory keys a chunk may read for the kernel (one block of scores per query row)
+# Triton's warps and pipeline stages per program, read at each call (benchmarks/memory_merge_gpu.py times
+# others): 4 warps was the fastest of 1-8 on an H200; stages do not matter (no loop). RESULTS.md.
+NUM_WARPS = 4
+NUM_STAGES = 1
 
 
 def fits(chunk_len: int, slots: int, head_dim: int) -> bool:
@@ -97,7 +101,8 @@ def merge_memory(q, out_s, lse_s, keys, values, valid, *, sink: int, chunk_len: 
     group = hq // hkv
     args = (q.reshape(b, n, hkv, group, d), out_s.reshape(b, n, hkv, group, d),
             lse_s.astype(jnp.float32).reshape(b, n, hkv, group), keys, values, valid.astype(jnp.int32))
-    merge = functools.partial(_pallas_merge, sink=sink, chunk_len=chunk_len, interpret=interpret)
+    merge = functools.partial(_pallas_merge, sink=sink, chunk_len=chunk_len, interpret=interpret,
+                              num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     context = sharding.current()
     if context is not None:  # XLA cannot partition a Pallas call: each device merges its own rows and heads
         mesh, rules = context
@@ -111,8 +116,8 @@ def merge_memory(q, out_s, lse_s, keys, values, valid, *, sink: int, chunk_len: 
     return out.reshape(b, n, hq, d), lse.reshape(b, n, hq)
 
 
-@functools.partial(jax.jit, static_argnames=("sink", "chunk_len", "interpret"))
-def _pallas_merge(q, out_s, lse_s, keys, values, valid, *, sink, chunk_len, interpret):
+@functools.partial(jax.jit, static_argnames=("sink", "chunk_len", "interpret", "num_warps", "num_stages"))
+def _pallas_merge(q, out_s, lse_s, keys, values, valid, *, sink, chunk_len, interpret, num_warps, num_stages):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -130,7 +135,7 @@ def _pallas_merge(q, out_s, lse_s, keys, values, valid, *, sink, chunk_len, inte
         out_specs=[rows, rows_lse],
         out_shape=[jax.ShapeDtypeStruct(out_s.shape, out_s.dtype), jax.ShapeDtypeStruct(lse_s.shape, jnp.float32)],
         input_output_aliases={4: 0, 5: 1},  # the stream part's output, updated in place chunk by chunk
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="memory_merge",
     )(q, keys, values, valid, out_s, lse_s)
