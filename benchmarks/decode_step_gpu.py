@@ -1,7 +1,7 @@
 """Milliseconds per decoding step of `m3_2p4b`-shaped random weights, batch 32, under XLA flag variants,
 and how busy the GPU is during a step.
 
-    python benchmarks/decode_step_gpu.py [--config m3_2p4b] [--variants a,b] [--profile_dir DIR]
+    python benchmarks/decode_step_gpu.py [--config m3_2p4b] [--variants a,b] [--batch 32] [--profile_dir DIR]
 
 Variants: XLA flags, model config fields (decode kernels on or off), or decode-matmul tilings (TILINGS).
 
@@ -88,7 +88,7 @@ def gpu_busy(trace_dir: str, steps: int) -> dict:
     return {"gpu_processes": processes, **gpu_trace.busy(kernels, steps)}
 
 
-def child(config: str, profile_dir: str | None, overrides: dict) -> dict:
+def child(config: str, profile_dir: str | None, overrides: dict, batch: int = 32) -> dict:
     import jax
     import numpy as np
 
@@ -103,14 +103,14 @@ def child(config: str, profile_dir: str | None, overrides: dict) -> dict:
                                    **{f"model.{k}": v for k, v in overrides.items()}})
     model = load_model(cfg, "random:0")
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
-    prompts = np.random.default_rng(0).integers(5, 500, (32, 128)).tolist()
+    prompts = np.random.default_rng(0).integers(5, 500, (batch, 128)).tolist()
     gen = Generator(model, eos_id=-1)
     t0 = time.perf_counter()
     gen.generate(prompts, 128, mode="none")
     compile_s = time.perf_counter() - t0
     times = [gen.generate(prompts, 128, mode="none").seconds["decode"] for _ in range(5)]
     ms = 1e3 * sorted(times)[2] / 127
-    out = {"ms_per_step": ms, "tokens_per_s": 32 / ms * 1e3, "first_call_s": compile_s,
+    out = {"ms_per_step": ms, "batch": batch, "tokens_per_s": batch / ms * 1e3, "first_call_s": compile_s,
            "weight_gb": weight_bytes / 1e9, "weight_read_tb_per_s": weight_bytes / ms / 1e9}
     if profile_dir:
         with jax.profiler.trace(profile_dir):
@@ -124,16 +124,18 @@ def main() -> None:
     parser.add_argument("--config", default="m3_2p4b")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--profile_dir", default=None)
+    parser.add_argument("--batch", type=int, default=32, help="sequences decoded together")
     parser.add_argument("--child", default=None)
     parser.add_argument("--overrides", default="{}", help="model config fields, as JSON")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.config, args.profile_dir, json.loads(args.overrides))))
+        print(json.dumps(child(args.config, args.profile_dir, json.loads(args.overrides), args.batch)))
         return
     for name in args.variants.split(","):
         flags, overrides = VARIANTS[name] if isinstance(VARIANTS[name], tuple) else (VARIANTS[name], {})
         env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
-        cmd = [sys.executable, __file__, "--config", args.config, "--child", name, "--overrides", json.dumps(overrides)]
+        cmd = [sys.executable, __file__, "--config", args.config, "--child", name, "--overrides", json.dumps(overrides),
+               "--batch", str(args.batch)]
         if args.profile_dir and name == "default":
             cmd += ["--profile_dir", args.profile_dir]
         out = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True)

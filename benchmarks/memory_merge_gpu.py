@@ -33,7 +33,8 @@ def inputs(cfg, layers: int, batch: int, prompt: int):
                     for k in ks[1:3])
     valid = jax.random.bernoulli(ks[3], 0.9, (batch, chunks, slots))
     streams = [(jax.random.normal(jax.random.fold_in(ks[4], i), q.shape, jnp.bfloat16),
-                jax.random.normal(jax.random.fold_in(ks[4], layers + i), q.shape[:3], jnp.float32)) for i in range(layers)]
+                jax.random.normal(jax.random.fold_in(ks[4], layers + i), q.shape[:3], jnp.float32))
+               for i in range(layers)]
     return q, keys, values, valid, streams, sink, mem.chunk_len
 
 
