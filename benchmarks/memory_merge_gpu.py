@@ -43,14 +43,11 @@ def us_per_layer(args, warps: int, stages: int, reps: int = 10):
     q, keys, values, valid, streams, sink, chunk_len = args
     streams = [(o.copy(), lse.copy()) for o, lse in streams]  # donated below: keep the originals for the next
 
-    def run(streams):
-        return [memory_merge.merge_memory(q, out_s, lse_s, keys, values, valid, sink=sink, chunk_len=chunk_len)
-                for out_s, lse_s in streams]
+    def merge(out_s, lse_s):
+        return memory_merge.merge_memory(q, out_s, lse_s, keys, values, valid, sink=sink, chunk_len=chunk_len)
 
-    out_s, lse_s = streams[0]
-    first = jax.jit(lambda o, lse: memory_merge.merge_memory(q, o, lse, keys, values, valid, sink=sink,
-                                                             chunk_len=chunk_len)[0])(out_s, lse_s)
-    run = jax.jit(run, donate_argnums=0)
+    first = jax.jit(merge)(*streams[0])[0]  # not donated: the timed calls below take these arrays
+    run = jax.jit(lambda streams: [merge(*layer) for layer in streams], donate_argnums=0)
     streams = run(streams)
     jax.block_until_ready(streams)
     with tempfile.TemporaryDirectory() as trace_dir:
