@@ -101,9 +101,9 @@ def _kernel(*refs, block_k, steps, block_n, splits, finish, norm, eps, dim, inte
         plgpu.debug_barrier()  # every thread's partial stored before the release below
     arrived = plgpu.atomic_add(counters_ref, block, jnp.int32(1))  # acquire-release, GPU scope
 
-    def summed(col):  # in split order; .cg reads L2, where the other programs' stores went
+    def summed(col):  # in split order; volatile loads skip L1 (not coherent) and read what other programs stored
         cols = pl.ds(col, block_n)
-        parts = [plgpu.load(partials_ref.at[jnp.int32(s), :, cols], cache_modifier=".cg")
+        parts = [plgpu.load(partials_ref.at[jnp.int32(s), :, cols], volatile=True)
                  for s in range(splits)]
         for p in parts[1:]:
             parts[0] += p
