@@ -6,9 +6,9 @@ and how busy the GPU is during a step.
 Variants: XLA flags, model config fields (decode kernels on or off), or decode-matmul tilings (TILINGS).
 
 Each variant runs in its own process (XLA flags are read once per process). Steps = 127 (128 new
-tokens, no memory); the weight bytes read per step give the bandwidth bound. With --profile_dir, the
-default variant is traced once more: the share of the decode wall time in which a GPU kernel runs,
-and the kernels taking the most time per step.
+tokens, no memory); the weight bytes read per step give the bandwidth bound. With --profile_dir, each
+variant is traced once more: the share of the decode wall time in which a GPU kernel runs, and the
+kernels taking the most time per step.
 """
 from __future__ import annotations
 
@@ -132,13 +132,13 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.config, args.profile_dir, json.loads(args.overrides), args.batch)))
         return
-    for name in args.variants.split(","):
+    for i, name in enumerate(args.variants.split(",")):
         flags, overrides = VARIANTS[name] if isinstance(VARIANTS[name], tuple) else (VARIANTS[name], {})
         env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
         cmd = [sys.executable, __file__, "--config", args.config, "--child", name, "--overrides", json.dumps(overrides),
                "--batch", str(args.batch)]
-        if args.profile_dir and name == "default":
-            cmd += ["--profile_dir", args.profile_dir]
+        if args.profile_dir:
+            cmd += ["--profile_dir", os.path.join(args.profile_dir, f"{name}_{i}")]
         out = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True)
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
         print(name, lines[-1] if lines else out.stderr[-3000:], flush=True)

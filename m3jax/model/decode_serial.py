@@ -70,7 +70,8 @@ def _kernel(*refs, block_k, steps, block_n, splits, finish, norm, eps, dim, inte
     if norm:
         sumsq_ref, norm_w_ref = refs.pop(0), refs.pop(0)
     h_ref = refs.pop(0) if finish == "residual" else None
-    refs.pop(0)  # the counters' input, aliased to their output (the last ref)
+    if finish is not None:
+        refs.pop(0)  # the counters' input, aliased to their output (the last ref)
     partials_ref, out_refs, counters_ref = refs[0], refs[1:-1], refs[-1]
     j, i = pl.program_id(0), pl.program_id(1)
     precision = dm.float32_precision(w_ref.dtype)
@@ -152,14 +153,16 @@ def _serial(x, w, counters, sumsq, norm_w, h, *, tiling, finish, eps, dtype, int
     if finish == "residual":
         args.append(h)
         in_specs.append(full(h))
-    args.append(counters)
-    in_specs.append(full(counters))
+    if finish is not None:
+        args.append(counters)
+        in_specs.append(full(counters))
     outs = [jax.ShapeDtypeStruct((s, rows, n), jnp.float32)]
     if finish == "residual":
         outs += [jax.ShapeDtypeStruct((rows, n), h.dtype), jax.ShapeDtypeStruct((n // bn, rows), jnp.float32)]
     elif finish == "silu":
         outs.append(jax.ShapeDtypeStruct((rows, n // 2), dtype))
-    outs.append(jax.ShapeDtypeStruct(counters.shape, counters.dtype))
+    if finish is not None:
+        outs.append(jax.ShapeDtypeStruct(counters.shape, counters.dtype))
     results = pl.pallas_call(
         functools.partial(_kernel, block_k=bk, steps=part // bk, block_n=bn, splits=s, finish=finish,
                           norm=sumsq is not None, eps=eps, dim=k, interpret=interpret),
@@ -167,7 +170,7 @@ def _serial(x, w, counters, sumsq, norm_w, h, *, tiling, finish, eps, dtype, int
         in_specs=in_specs,
         out_specs=[pl.BlockSpec(o.shape, lambda j, i, nd=len(o.shape): (0,) * nd) for o in outs],
         out_shape=outs,
-        input_output_aliases={len(args) - 1: len(outs) - 1},
+        input_output_aliases={len(args) - 1: len(outs) - 1} if finish is not None else {},
         compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=interpret,
         name=f"decode_serial_{finish or 'norm'}",
@@ -203,8 +206,8 @@ def norm_product(h, sumsq, norm, w, impl: str):
     tiling = _tiling(h, w, impl, None)
     if tiling is None:
         return _dot(xla_norm(h, sumsq, norm.weight[...], norm.eps, dtype), w)[None]
-    partials, _ = _serial(h, w, new_counters(), sumsq, norm.weight[...], None, tiling=tiling, finish=None,
-                          eps=norm.eps, dtype=dtype, interpret=_interpret())
+    (partials,) = _serial(h, w, None, sumsq, norm.weight[...], None, tiling=tiling, finish=None, eps=norm.eps,
+                          dtype=dtype, interpret=_interpret())
     return partials
 
 
