@@ -26,7 +26,6 @@ VARIANTS = {  # name: XLA flags, or (XLA flags, model config overrides)
     "default": "",
     "xla_matmul": ("", {"decode_matmul": "xla"}),
     "pallas_matmul": ("", {"decode_matmul": "pallas"}),
-    "serial": ("", {"decode_matmul": "serial"}),  # products that finish their outputs (decode_serial)
     "xla_attention": ("", {"decode_attention": "xla"}),
     "xla_both": ("", {"decode_matmul": "xla", "decode_attention": "xla"}),
     "no_command_buffers": "--xla_gpu_enable_command_buffer=",

@@ -102,8 +102,8 @@ def test_a_jax_without_the_triton_backend_gets_xla_or_a_named_error(monkeypatch)
 def test_generation_through_the_kernel_equals_generation_through_xla():
     prompts = np.random.default_rng(0).integers(5, 200, (3, 20)).tolist()
     out = {}
-    for impl in ("xla", "pallas", "serial"):
+    for impl in ("xla", "pallas"):
         cfg = config_lib.load("tiny", {"model.dtype": "float32", "model.decode_matmul": impl,
-                                       "model.decode_attention": "xla" if impl == "xla" else "pallas"})
+                                       "model.decode_attention": impl})
         out[impl] = Generator(Memory3(cfg, rngs=nnx.Rngs(0)), eos_id=-1).generate(prompts, 40, mode="none").tokens
-    assert out["pallas"] == out["xla"] and out["serial"] == out["xla"]
+    assert out["pallas"] == out["xla"]

@@ -149,20 +149,6 @@ class Attention(nnx.Module):
             qkv = jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=2)
         else:
             qkv = dm.decode_matmul(x.astype(self.q_proj.dtype), qkv_kernel, self.decode_matmul)
-        out, kv = self.decode_qkv(qkv, cos, sin, cache_kv, write_at, memory_valid, update_cache)
-        if qkv_kernel is None:
-            out = self.o_proj(out)
-        else:
-            o_kernel = self.o_proj.kernel[...].reshape(out.shape[2] * out.shape[3], -1)
-            if partials:
-                return dm.partial_products(out.reshape(b, -1), o_kernel, self.decode_matmul), kv
-            out = dm.decode_matmul(out.reshape(b, 1, -1), o_kernel, self.decode_matmul)
-        return out, kv
-
-    def decode_qkv(self, qkv, cos, sin, cache_kv, write_at, memory_valid=None, update_cache=False):
-        """`decode` from the token's projections qkv (B, 1, Hq + 2 Hkv, D) to the attention's output before the
-        output projection, (B, 1, Hq, D), and kv as `decode` returns it."""
-        b, hq = qkv.shape[0], self.o_proj.kernel.shape[0]
         hkv, d = (qkv.shape[2] - hq) // 2, qkv.shape[3]
         # RoPE on q and k with v passed through: one element-wise pass, one array for the kernel
         qkv = jnp.concatenate([apply_rope(qkv[:, :, :hq + hkv], cos, sin), qkv[:, :, hq + hkv:]], axis=2)
@@ -178,6 +164,13 @@ class Attention(nnx.Module):
                 rows = jnp.arange(b)
                 kv = (cache_k.at[rows, write_at].set(kv[0].astype(cache_k.dtype)),
                       cache_v.at[rows, write_at].set(kv[1].astype(cache_v.dtype)))
+        if qkv_kernel is None:
+            out = self.o_proj(out)
+        else:
+            o_kernel = self.o_proj.kernel[...].reshape(hq * d, -1)
+            if partials:
+                return dm.partial_products(out.reshape(b, hq * d), o_kernel, self.decode_matmul), kv
+            out = dm.decode_matmul(out.reshape(b, 1, hq * d), o_kernel, self.decode_matmul)
         return out, kv
 
     @staticmethod

@@ -21,13 +21,13 @@ import jax.numpy as jnp
 from m3jax.model import decode_matmul as dm
 from m3jax.model.masks import MASKED_SCORE
 
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = dm.IMPLS
 MAX_GROUP = 64  # query heads per kv head the kernel takes (rows of its dot)
 
 
 def resolve_impl(impl: str, platform: str | None = None) -> str:
     """`auto`: the Pallas kernel on GPU, XLA elsewhere."""
-    return dm.resolve_impl(impl, platform, what="decode attention", impls=IMPLS)
+    return dm.resolve_impl(impl, platform, what="decode attention")
 
 
 def fits(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:

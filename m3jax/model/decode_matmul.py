@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from m3jax.rounding import power_of_two_at_least
 
-IMPLS = ("auto", "xla", "pallas", "serial")  # serial: the Pallas kernel, finishing outputs itself (decode_serial)
+IMPLS = ("auto", "xla", "pallas")
 MAX_ROWS = 64  # beyond this a GEMM is no longer weight-bound at batch sizes worth a custom kernel
 
 
@@ -39,14 +39,14 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_impl(impl: str, platform: str | None = None, what: str = "decode matmul", impls=IMPLS) -> str:
+def resolve_impl(impl: str, platform: str | None = None, what: str = "decode matmul") -> str:
     """`auto`: the Pallas kernel on GPU, XLA elsewhere (for the decode matmul and the decode attention)."""
-    if impl not in impls:
-        raise ValueError(f"unknown {what} {impl!r}; expected one of {impls}")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown {what} {impl!r}; expected one of {IMPLS}")
     on_gpu = (platform or jax.default_backend()) == "gpu"
     if on_gpu and impl != "xla" and not triton_available():
-        if impl != "auto":
-            raise ValueError(f"{what} {impl!r} needs Pallas' Triton backend (jax.experimental.pallas.triton), "
+        if impl == "pallas":
+            raise ValueError(f"{what} 'pallas' needs Pallas' Triton backend (jax.experimental.pallas.triton), "
                              f"which this JAX {jax.__version__} lacks; use 'xla' or 'auto'")
         return "xla"
     if impl != "auto":
@@ -161,9 +161,9 @@ def partial_products(x, w, impl: str):
     adds them into the residual stream); XLA's dot gives one part. impl: as `decode_matmul`."""
     if x.ndim != 2 or w.ndim != 2 or w.shape[0] != x.shape[1]:
         raise ValueError(f"partial_products multiplies (m, k) by (k, n), got {x.shape} and {w.shape}")
-    if impl not in ("xla", "pallas", "serial"):
-        raise ValueError(f"unknown decode matmul {impl!r}; expected 'xla', 'pallas' or 'serial'")
-    tiling = pick_tiling(*x.shape, w.shape[1]) if impl != "xla" else None
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"unknown decode matmul {impl!r}; expected 'xla' or 'pallas'")
+    tiling = pick_tiling(*x.shape, w.shape[1]) if impl == "pallas" else None
     if tiling is None:
         return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32,
                        precision=float32_precision(x.dtype))[None]
@@ -173,8 +173,8 @@ def partial_products(x, w, impl: str):
 def decode_matmul(x, w, impl: str, out_dtype=None):
     """x: (..., k) @ w: (k, ...) -> (..., *w.shape[1:]) in out_dtype (default x's), f32 accumulation.
 
-    impl: "xla" (jnp.dot), or "pallas" / "serial" (the split-K kernel where its tiling fits the shape, XLA's
-    dot otherwise; off GPU the kernel runs in Pallas' interpreter, for tests); resolve "auto" first.
+    impl: "xla" (jnp.dot), or "pallas" (the split-K kernel where its tiling fits the shape, XLA's dot
+    otherwise; off GPU the kernel runs in Pallas' interpreter, for tests); resolve "auto" first.
     """
     lead, k = x.shape[:-1], x.shape[-1]
     if w.shape[0] != k:

@@ -30,7 +30,7 @@ def add_and_norm(h, partials, norm, impl: str):
     h2 = h.reshape(-1, dim)
     if partials.ndim != 3 or partials.shape[2] != dim or partials.shape[1] < h2.shape[0]:
         raise ValueError(f"partials of shape {partials.shape} cannot be added to a residual stream of {h.shape}")
-    if impl in ("pallas", "serial") and dm.power_of_two_parts(dim) is not None:
+    if impl == "pallas" and dm.power_of_two_parts(dim) is not None:
         new_h, x = pallas_add_and_norm(partials, h2, norm.weight[...], eps=norm.eps, out_dtype=jnp.dtype(norm.dtype),
                                        interpret=jax.default_backend() != "gpu")
         return new_h.reshape(h.shape), x.reshape(h.shape)

@@ -22,7 +22,6 @@ import numpy as np
 from flax import nnx
 
 from m3jax.config import memory_layer_range, padded_vocab_size, sink_len, validate
-from m3jax.model import decode_serial as ds
 from m3jax.model.decode_matmul import decode_matmul, resolve_impl
 from m3jax.model.decode_norm import add_and_norm
 from m3jax.model.layers import Linear, RMSNorm, param, rope_angles
@@ -173,8 +172,6 @@ class Memory3(nnx.Module):
                 h, seg_kv = seg.decode(h, cos, sin, seg_kv, write_at, memory_valid if seg.is_memory else None)
                 new_cache.append(seg_kv)
             return self._logits(self.norm(h))[:, 0], new_cache
-        if self.decode_matmul == "serial":
-            return self._decode_serial(h, cos, sin, write_at, cache, memory_valid, layer_states)
         pending = None  # each layer's last product, added to h by the next norm (decode_norm)
         for seg, seg_kv, states in zip(self.layers, cache, layer_states):
             h, pending, seg_kv = seg.decode_fused(h, pending, cos, sin, seg_kv, write_at,
@@ -184,23 +181,6 @@ class Memory3(nnx.Module):
         if self.cfg.model.tie_embeddings:  # a tied head is transposed: XLA's dot
             return self._logits(h)[:, 0], new_cache
         return decode_matmul(h[:, 0], self.lm_head.kernel[...], self.decode_matmul, out_dtype=jnp.float32), new_cache
-
-    def _decode_serial(self, h, cos, sin, write_at, cache, memory_valid, layer_states):
-        """decode_step's layers over serial products (decode_serial): no norm, residual add or SiLU kernel
-        between them; the LM head normalises its input as it loads it."""
-        b = h.shape[0]
-        h2 = h.reshape(b, -1)
-        sumsq, counters, new_cache = ds.sum_of_squares(h2), ds.new_counters(), []
-        for seg, seg_kv, states in zip(self.layers, cache, layer_states):
-            h, sumsq, counters, seg_kv = seg.decode_serial(h, sumsq, counters, cos, sin, seg_kv, write_at,
-                                                           memory_valid if seg.is_memory else None, states)
-            new_cache.append(seg_kv)
-        h2 = h.reshape(b, -1)
-        if self.cfg.model.tie_embeddings:  # a tied head is transposed: XLA's dot
-            x = ds.xla_norm(h2, sumsq, self.norm.weight[...], self.norm.eps, self.dtype)
-            return self._logits(x[:, None])[:, 0], new_cache
-        partials = ds.norm_product(h2, sumsq, self.norm, self.lm_head.kernel[...], self.decode_matmul)
-        return partials.sum(axis=0)[:b], new_cache
 
     def _stream_len(self, t: int) -> int:
         """Positions of the stream `[sink | t tokens]`, padded to a multiple of STREAM_MULTIPLE."""

@@ -12,7 +12,6 @@ from flax import nnx
 
 from m3jax.model.attention import Attention
 from m3jax.model.decode_norm import add_and_norm
-from m3jax.model import decode_serial as ds
 from m3jax.model.layers import MLP, RMSNorm
 from m3jax.model.sparsify import select_tokens
 from m3jax.sharding import constrain
@@ -55,24 +54,6 @@ class Block(nnx.Module):
                                             update_cache=True, partials=True)
         h, x = add_and_norm(h, a, self.post_attention_layernorm, impl)
         return h, self.mlp.fused(x, fused["gate_up"], partials=True), cache_kv
-
-    def decode_serial(self, h, sumsq, counters, cos, sin, cache_kv, write_at, memory_valid, fused):
-        """`decode_fused` over serial products (decode_serial): each norm is the next product's prologue and
-        each residual add or SiLU the last program's epilogue, so h arrives whole, with its rows' sums of
-        squares in parts. Returns (h, sumsq, counters, cache_kv)."""
-        impl = self.self_attn.decode_matmul
-        b, dim = h.shape[0], h.shape[-1]
-        h2 = h.reshape(b, dim)
-        qkv = ds.norm_product(h2, sumsq, self.input_layernorm, fused["qkv"].reshape(dim, -1), impl)
-        qkv = qkv.sum(axis=0)[:b].astype(self.self_attn.q_proj.dtype).reshape(b, 1, *fused["qkv"].shape[1:])
-        out, cache_kv = self.self_attn.decode_qkv(qkv, cos, sin, cache_kv, write_at, memory_valid, update_cache=True)
-        o_kernel = self.self_attn.o_proj.kernel[...].reshape(out.shape[2] * out.shape[3], dim)
-        h2, sumsq, counters = ds.residual_product(out.reshape(b, -1), o_kernel, h2, counters, impl)
-        act, counters = ds.silu_product(h2, sumsq, self.post_attention_layernorm, fused["gate_up"].reshape(dim, -1),
-                                        counters, impl)
-        down = self.mlp.down_proj.kernel[...]
-        h2, sumsq, counters = ds.residual_product(act.astype(self.mlp.down_proj.dtype), down, h2, counters, impl)
-        return h2.reshape(h.shape), sumsq, counters, cache_kv
 
 
 _FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
@@ -205,14 +186,3 @@ class LayerStack(nnx.Module):
             h, pending, layer_kv = block.decode_fused(h, pending, cos, sin, layer_kv, write_at, memory_valid, fused)
             new_cache.append(layer_kv)
         return h, pending, new_cache
-
-    def decode_serial(self, h, sumsq, counters, cos, sin, cache_kv, write_at, memory_valid, layer_states):
-        """`decode_fused` over serial products: returns (h, sumsq, counters, cache_kv) as `Block.decode_serial`."""
-        graphdef, _ = nnx.split(self.blocks)
-        new_cache = []
-        for (layer_state, fused), layer_kv in zip(layer_states, cache_kv):
-            block = nnx.merge(graphdef, layer_state)
-            h, sumsq, counters, layer_kv = block.decode_serial(h, sumsq, counters, cos, sin, layer_kv, write_at,
-                                                               memory_valid, fused)
-            new_cache.append(layer_kv)
-        return h, sumsq, counters, new_cache
