@@ -57,6 +57,11 @@ TILINGS = {
     "gate_up_w2_st4": {"3200x6400": [128, 64, 2, 2, 4]},
     "head_w2_st4": {"3200x60416": [128, 64, 1, 2, 4]},
     "all_w2_st4": {"all": {"num_warps": 2, "num_stages": 4}},
+    # o and down without split-K (what an epilogue finishing h would need): 100 / 50 programs
+    "square_n32_s1": {"3200x3200": [32, 64, 1]},
+    "square_n32_s1_w2": {"3200x3200": [32, 64, 1, 2]},
+    "square_n64_s1": {"3200x3200": [64, 64, 1]},
+    "square_n16_s1": {"3200x3200": [16, 64, 1, 2]},
     "untuned": {"tuned": False},  # the rule alone, without decode_matmul.TUNED
     "blocks_250": {"blocks_wanted": 250},
     "blocks_350": {"blocks_wanted": 350},
