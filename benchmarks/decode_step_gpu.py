@@ -34,6 +34,9 @@ VARIANTS = {  # name: XLA flags, or (XLA flags, model config overrides)
     # CUDA graphs for shorter runs of kernels: the Pallas kernels split a layer's fusions into runs of 1-2.
     "graphs_min_1": "--xla_gpu_graph_min_graph_size=1",
     "graphs_min_2": "--xla_gpu_graph_min_graph_size=2",
+    # Programmatic Dependent Launch: a kernel's blocks start while the previous kernel drains (Hopper)
+    "pdl_on": "--xla_gpu_enable_pdl=true",
+    "pdl_off": "--xla_gpu_enable_pdl=false",
 }
 # Decode-matmul tilings tried inside the step (the kernel's own sweep, decode_matmul_gpu.py, times one
 # product alone): "KxN" -> Tiling fields for that weight shape, "all" -> fields replaced in every pick,
