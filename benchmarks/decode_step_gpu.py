@@ -13,6 +13,7 @@ kernels taking the most time per step.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -37,6 +38,8 @@ VARIANTS = {  # name: XLA flags, or (XLA flags, model config overrides)
     # Programmatic Dependent Launch: a kernel's blocks start while the previous kernel drains (Hopper)
     "pdl_on": "--xla_gpu_enable_pdl=true",
     "pdl_off": "--xla_gpu_enable_pdl=false",
+    # the decode kernels without their early griddepcontrol.launch_dependents (decode_matmul.EARLY_LAUNCH)
+    "no_early_launch": ("", {"_set": {"decode_matmul.EARLY_LAUNCH": False}}),
 }
 # Decode-matmul tilings tried inside the step (the kernel's own sweep, decode_matmul_gpu.py, times one
 # product alone): "KxN" -> Tiling fields for that weight shape, "all" -> fields replaced in every pick,
@@ -104,9 +107,12 @@ def child(config: str, profile_dir: str | None, overrides: dict, batch: int = 32
     from m3jax.checkpoint import load_model
     from m3jax.generate.generator import Generator
 
+    overrides = dict(overrides)
     if "_tiling" in overrides:
-        overrides = dict(overrides)
         use_tilings(overrides.pop("_tiling"))
+    for name, value in overrides.pop("_set", {}).items():  # module constants of m3jax.model, "module.NAME"
+        module, attr = name.rsplit(".", 1)
+        setattr(importlib.import_module(f"m3jax.model.{module}"), attr, value)
     cfg = config_lib.load(config, {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
                                    **{f"model.{k}": v for k, v in overrides.items()}})
     model = load_model(cfg, "random:0")

@@ -43,7 +43,8 @@ class Tiling(NamedTuple):
     num_stages: int = 3
 
 
-def _kernel(write_at_ref, qkv_ref, k_ref, v_ref, *refs, parts, group, kv_heads, tiling, scale, memory_slots):
+def _kernel(write_at_ref, qkv_ref, k_ref, v_ref, *refs, parts, group, kv_heads, tiling, scale, memory_slots,
+            signal):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -62,7 +63,7 @@ def _kernel(write_at_ref, qkv_ref, k_ref, v_ref, *refs, parts, group, kv_heads, 
     own = sum((qp.astype(jnp.float32) * kp.astype(jnp.float32)[None, :]).sum(axis=1) for qp, kp in zip(q, k_new))
     first = split == 0
     ones = jnp.ones((rows,), jnp.float32)
-    top, total = own * scale, ones
+    top, total = own * scale + (dm.launch_dependents() if signal else 0.0), ones
     acc = [jnp.broadcast_to(vp.astype(jnp.float32)[None, :], (rows, size)) for vp, (_, size) in zip(v_new, parts)]
     if splits > 1:
         top = jnp.where(first, top, jnp.full_like(top, MASKED_SCORE))
@@ -207,7 +208,7 @@ def _pallas_decode_attention(qkv, cache_k, cache_v, write_at, memory_valid, tili
         out_shape = [jax.ShapeDtypeStruct((b, hkv, splits, group), jnp.float32)] * 2 + \
             [jax.ShapeDtypeStruct((b, hkv, splits, group, d), jnp.float32)]
     kernel = functools.partial(_kernel, parts=dm.power_of_two_parts(d), group=group, kv_heads=hkv, tiling=tiling,
-                               scale=d ** -0.5, memory_slots=memory_slots)
+                               scale=d ** -0.5, memory_slots=memory_slots, signal=not interpret and dm.early_launch())
     *outs, cache_k, cache_v = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),

@@ -54,6 +54,34 @@ def resolve_impl(impl: str, platform: str | None = None, what: str = "decode mat
     return "pallas" if on_gpu else "xla"
 
 
+# Hopper's Programmatic Dependent Launch: XLA launches Pallas kernels with it, each waiting at its entry until
+# the kernel before it has finished. A kernel that signals at its start lets the next kernel's blocks be
+# scheduled while it runs (they still wait at their entry), so the next launch is hidden.
+EARLY_LAUNCH = True
+
+
+def early_launch() -> bool:
+    """Whether the decode kernels signal their dependents early: EARLY_LAUNCH, on a GPU of compute capability
+    9.0 or later (griddepcontrol is Hopper's); read when a kernel is traced."""
+    if not EARLY_LAUNCH or jax.default_backend() != "gpu" or not triton_available():
+        return False
+    try:
+        return float(jax.devices()[0].compute_capability) >= 9.0
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def launch_dependents():
+    """Inside a kernel: `griddepcontrol.launch_dependents`. Returns 0.0 from the instruction: add it into an early
+    value the kernel uses, so the instruction is kept and runs before that value is needed."""
+    from jax.experimental.pallas import triton as plgpu
+
+    (zero,) = plgpu.elementwise_inline_asm(
+        "griddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;", args=[jnp.zeros((16,), jnp.float32)],
+        constraints="=f,f", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct((16,), jnp.float32)])
+    return jnp.sum(zero)
+
+
 def dot_rows(m: int) -> int:
     """Rows a Triton kernel computes for m: a power of two >= 16 (Triton's tensor-core dot needs 16)."""
     return power_of_two_at_least(m, 16)
@@ -109,7 +137,7 @@ def float32_precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _kernel(x_ref, w_ref, o_ref, *, block_k: int, steps: int):
+def _kernel(x_ref, w_ref, o_ref, *, block_k: int, steps: int, signal: bool):
     from jax.experimental import pallas as pl
 
     precision = float32_precision(x_ref.dtype)
@@ -118,7 +146,8 @@ def _kernel(x_ref, w_ref, o_ref, *, block_k: int, steps: int):
         ks = pl.ds(i * block_k, block_k)
         return acc + jnp.dot(x_ref[:, ks], w_ref[ks, :], preferred_element_type=jnp.float32, precision=precision)
 
-    o_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
+    start = jnp.zeros(o_ref.shape, jnp.float32) + (launch_dependents() if signal else 0.0)
+    o_ref[...] = jax.lax.fori_loop(0, steps, body, start)
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
@@ -136,7 +165,7 @@ def pallas_partials(x, w, tiling: Tiling, interpret: bool = False):
     bn, bk, s = tiling.block_n, tiling.block_k, tiling.splits
     part = k // s
     return pl.pallas_call(
-        functools.partial(_kernel, block_k=bk, steps=part // bk),
+        functools.partial(_kernel, block_k=bk, steps=part // bk, signal=not interpret and early_launch()),
         grid=(n // bn, s),
         in_specs=[pl.BlockSpec((rows, part), lambda j, i: (0, i)),
                   pl.BlockSpec((part, bn), lambda j, i: (i, j))],

@@ -38,14 +38,14 @@ def add_and_norm(h, partials, norm, impl: str):
     return new_h, norm(new_h)
 
 
-def _kernel(p_ref, h_ref, w_ref, h_out_ref, x_out_ref, *, parts, splits: int, eps: float, dim: int):
+def _kernel(p_ref, h_ref, w_ref, h_out_ref, x_out_ref, *, parts, splits: int, eps: float, dim: int, signal: bool):
     # Triton's vectors are powers of two (3200 = 2048 + 1024 + 128). Every load comes before any store:
     # a first version that stored each part before loading the next took 5.3 us a call on an H200.
     cols = [slice(offset, offset + size) for offset, size in parts]
     products = [[p_ref[s, c] for s in range(splits)] for c in cols]
     hs = [h_ref[c].astype(jnp.float32) for c in cols]
     ws = [w_ref[c].astype(jnp.float32) for c in cols]
-    new_hs, sum_sq = [], 0.0
+    new_hs, sum_sq = [], dm.launch_dependents() if signal else 0.0
     for product, h in zip(products, hs):
         total = product[0]
         for p in product[1:]:
@@ -71,7 +71,8 @@ def pallas_add_and_norm(partials, h, weight, eps: float, out_dtype, interpret: b
     m = h.shape[0]
     row = lambda i: (i, 0)  # noqa: E731
     return pl.pallas_call(
-        functools.partial(_kernel, parts=dm.power_of_two_parts(dim), splits=splits, eps=eps, dim=dim),
+        functools.partial(_kernel, parts=dm.power_of_two_parts(dim), splits=splits, eps=eps, dim=dim,
+                          signal=not interpret and dm.early_launch()),
         grid=(m,),
         in_specs=[pl.BlockSpec((splits, None, dim), lambda i: (0, i, 0)),
                   pl.BlockSpec((None, dim), row),
