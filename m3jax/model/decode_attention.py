@@ -208,7 +208,7 @@ def _pallas_decode_attention(qkv, cache_k, cache_v, write_at, memory_valid, tili
         out_shape = [jax.ShapeDtypeStruct((b, hkv, splits, group), jnp.float32)] * 2 + \
             [jax.ShapeDtypeStruct((b, hkv, splits, group, d), jnp.float32)]
     kernel = functools.partial(_kernel, parts=dm.power_of_two_parts(d), group=group, kv_heads=hkv, tiling=tiling,
-                               scale=d ** -0.5, memory_slots=memory_slots, signal=not interpret and dm.early_launch())
+                               scale=d ** -0.5, memory_slots=memory_slots, signal=dm.early_launch(interpret))
     *outs, cache_k, cache_v = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),

@@ -60,10 +60,10 @@ def resolve_impl(impl: str, platform: str | None = None, what: str = "decode mat
 EARLY_LAUNCH = True
 
 
-def early_launch() -> bool:
-    """Whether the decode kernels signal their dependents early: EARLY_LAUNCH, on a GPU of compute capability
-    9.0 or later (griddepcontrol is Hopper's); read when a kernel is traced."""
-    if not EARLY_LAUNCH or jax.default_backend() != "gpu" or not triton_available():
+def early_launch(interpret: bool = False) -> bool:
+    """Whether a decode kernel signals its dependents early: EARLY_LAUNCH, compiled (not `interpret`ed) for a GPU
+    of compute capability 9.0 or later (griddepcontrol is Hopper's); read when a kernel is traced."""
+    if interpret or not EARLY_LAUNCH or jax.default_backend() != "gpu" or not triton_available():
         return False
     try:
         return float(jax.devices()[0].compute_capability) >= 9.0
@@ -165,7 +165,7 @@ def pallas_partials(x, w, tiling: Tiling, interpret: bool = False):
     bn, bk, s = tiling.block_n, tiling.block_k, tiling.splits
     part = k // s
     return pl.pallas_call(
-        functools.partial(_kernel, block_k=bk, steps=part // bk, signal=not interpret and early_launch()),
+        functools.partial(_kernel, block_k=bk, steps=part // bk, signal=early_launch(interpret)),
         grid=(n // bn, s),
         in_specs=[pl.BlockSpec((rows, part), lambda j, i: (0, i)),
                   pl.BlockSpec((part, bn), lambda j, i: (i, j))],

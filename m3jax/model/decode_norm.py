@@ -72,7 +72,7 @@ def pallas_add_and_norm(partials, h, weight, eps: float, out_dtype, interpret: b
     row = lambda i: (i, 0)  # noqa: E731
     return pl.pallas_call(
         functools.partial(_kernel, parts=dm.power_of_two_parts(dim), splits=splits, eps=eps, dim=dim,
-                          signal=not interpret and dm.early_launch()),
+                          signal=dm.early_launch(interpret)),
         grid=(m,),
         in_specs=[pl.BlockSpec((splits, None, dim), lambda i: (0, i, 0)),
                   pl.BlockSpec((None, dim), row),
