@@ -177,10 +177,11 @@ class Memory3(nnx.Module):
             h, pending, seg_kv = seg.decode_fused(h, pending, cos, sin, seg_kv, write_at,
                                                   memory_valid if seg.is_memory else None, states)
             new_cache.append(seg_kv)
-        _, h = add_and_norm(h, pending, self.norm, self.decode_matmul)
+        head = None if self.cfg.model.tie_embeddings else self.lm_head.kernel[...]
+        _, h = add_and_norm(h, pending, self.norm, self.decode_matmul, next_weight=head)
         if self.cfg.model.tie_embeddings:  # a tied head is transposed: XLA's dot
             return self._logits(h)[:, 0], new_cache
-        return decode_matmul(h[:, 0], self.lm_head.kernel[...], self.decode_matmul, out_dtype=jnp.float32), new_cache
+        return decode_matmul(h[:, 0], head, self.decode_matmul, out_dtype=jnp.float32), new_cache
 
     def _stream_len(self, t: int) -> int:
         """Positions of the stream `[sink | t tokens]`, padded to a multiple of STREAM_MULTIPLE."""
