@@ -45,9 +45,6 @@ VARIANTS = {  # name: XLA flags, or (XLA flags, model config overrides)
     "l2_prefetch_64": ("", {"_set": {"l2_prefetch.ROWS": 64}}),
     "l2_prefetch_256": ("", {"_set": {"l2_prefetch.ROWS": 256}}),
     "l2_prefetch_192": ("", {"_set": {"l2_prefetch.ROWS": 192}}),
-    "l2_prefetch_down": ("", {"_set": {"l2_prefetch.DOWN_TOO": True}}),
-    "l2_prefetch_down_keep": ("", {"_set": {"l2_prefetch.DOWN_TOO": True, "l2_prefetch.KEEP": True}}),
-    "l2_prefetch_keep": ("", {"_set": {"l2_prefetch.KEEP": True}}),
 }
 # Decode-matmul tilings tried inside the step (the kernel's own sweep, decode_matmul_gpu.py, times one
 # product alone): "KxN" -> Tiling fields for that weight shape, "all" -> fields replaced in every pick,

@@ -69,7 +69,7 @@ def test_the_norm_kernel_with_the_prefetch_lowers_for_a_gpu():
     args = (jnp.zeros((2, 32, 256), jnp.float32), jnp.zeros((32, 256), jnp.bfloat16), jnp.ones((256,), jnp.float32),
             jnp.zeros((256 * 512,), jnp.bfloat16))
     run = lambda p, h, w, flat: pallas_add_and_norm(p, h, w, eps=1e-5, out_dtype=jnp.bfloat16, interpret=False,  # noqa: E731
-                                                    prefetch=(flat,), ranges=(ranges,))
+                                                    prefetch=flat, ranges=ranges)
     text = jax.jit(run).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
 

@@ -24,8 +24,7 @@ def add_and_norm(h, partials, norm, impl: str, next_weight=None):
     `decode_matmul.partial_products` gives it, (splits, rows >= h's rows, dim) f32; norm: the
     `layers.RMSNorm` to apply; impl: "pallas" (the kernel where dim splits into power-of-two parts,
     interpreted off GPU) or "xla"; next_weight: None, or the weight (dim, ...) of the product that reads the
-    normed x next (or a tuple of weights read soon): on Hopper the kernel asks the L2 for their first rows
-    (m3jax/model/l2_prefetch.py).
+    normed x next: on Hopper the kernel asks the L2 for its first rows (m3jax/model/l2_prefetch.py).
     """
     if partials is None:
         return h, norm(h)
@@ -35,24 +34,21 @@ def add_and_norm(h, partials, norm, impl: str, next_weight=None):
         raise ValueError(f"partials of shape {partials.shape} cannot be added to a residual stream of {h.shape}")
     if impl == "pallas" and dm.power_of_two_parts(dim) is not None:
         interpret = jax.default_backend() != "gpu"
-        flats, ranges = [], []
-        # only weights the products read as they are (their dtype is x's: no converted copy in between)
-        weights = next_weight if isinstance(next_weight, (tuple, list)) else [next_weight]
-        for w in weights if l2_prefetch.enabled(interpret) else ():
-            if w is not None and w.dtype == jnp.dtype(norm.dtype):
-                r = l2_prefetch.product_ranges(h2.shape[0], w.shape[0], w.size // w.shape[0], w.dtype.itemsize)
-                if r:
-                    flats.append(w.reshape(-1))
-                    ranges.append(r)
+        flat, ranges = None, ()
+        # only a weight the product reads as it is (its dtype is x's: no converted copy in between)
+        if next_weight is not None and next_weight.dtype == jnp.dtype(norm.dtype) and l2_prefetch.enabled(interpret):
+            flat = next_weight.reshape(-1)
+            ranges = l2_prefetch.product_ranges(h2.shape[0], next_weight.shape[0], flat.size // next_weight.shape[0],
+                                                flat.dtype.itemsize)
         new_h, x = pallas_add_and_norm(partials, h2, norm.weight[...], eps=norm.eps, out_dtype=jnp.dtype(norm.dtype),
-                                       interpret=interpret, prefetch=tuple(flats), ranges=tuple(ranges))
+                                       interpret=interpret, prefetch=flat if ranges else None, ranges=ranges)
         return new_h.reshape(h.shape), x.reshape(h.shape)
     new_h = h + partials.sum(axis=0)[:h2.shape[0]].reshape(h.shape).astype(h.dtype)
     return new_h, norm(new_h)
 
 
 def _kernel(p_ref, h_ref, w_ref, *refs, parts, splits: int, eps: float, dim: int, signal: bool, ranges, programs: int):
-    *next_refs, h_out_ref, x_out_ref = refs
+    next_ref, (h_out_ref, x_out_ref) = (refs[0], refs[1:]) if ranges else (None, refs)
     # Triton's vectors are powers of two (3200 = 2048 + 1024 + 128). Every load comes before any store:
     # a first version that stored each part before loading the next took 5.3 us a call on an H200.
     cols = [slice(offset, offset + size) for offset, size in parts]
@@ -60,8 +56,8 @@ def _kernel(p_ref, h_ref, w_ref, *refs, parts, splits: int, eps: float, dim: int
     hs = [h_ref[c].astype(jnp.float32) for c in cols]
     ws = [w_ref[c].astype(jnp.float32) for c in cols]
     new_hs, sum_sq = [], dm.launch_dependents() if signal else 0.0
-    for next_ref, r in zip(next_refs, ranges):  # fire and forget, before this kernel's own loads are waited for
-        sum_sq += l2_prefetch.prefetch(next_ref, r, programs)
+    if ranges:  # fire and forget, before this kernel's own loads are waited for
+        sum_sq += l2_prefetch.prefetch(next_ref, ranges, programs)
     for product, h in zip(products, hs):
         total = product[0]
         for p in product[1:]:
@@ -77,10 +73,10 @@ def _kernel(p_ref, h_ref, w_ref, *refs, parts, splits: int, eps: float, dim: int
 
 @functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "interpret", "num_warps", "ranges"))
 def pallas_add_and_norm(partials, h, weight, eps: float, out_dtype, interpret: bool, num_warps: int = 8,
-                        prefetch=(), ranges=()):
+                        prefetch=None, ranges=()):
     """The kernel alone: partials (splits, >= m, dim) f32, h (m, dim), weight (dim,) -> (h + sum of partials,
     its RMS norm in out_dtype). `add_and_norm` is the model's entry; this one is for benchmarks and tuning.
-    prefetch, ranges: 1-D arrays and, per array, (byte offset, bytes) ranges of it to ask the L2 for (Hopper only)."""
+    prefetch, ranges: a 1-D array and (byte offset, bytes) ranges of it to ask the L2 for (Hopper only)."""
     # 8 warps: the fastest of 1-16 in benchmarks/decode_norm_gpu.py (an H200; 4 warps gained nothing in a step)
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
@@ -88,18 +84,18 @@ def pallas_add_and_norm(partials, h, weight, eps: float, out_dtype, interpret: b
     splits, _, dim = partials.shape
     m = h.shape[0]
     row = lambda i: (i, 0)  # noqa: E731
-    if len(prefetch) != len(ranges):
-        raise ValueError(f"{len(prefetch)} arrays to prefetch but {len(ranges)} sets of ranges")
+    ranges = ranges if prefetch is not None else ()
+    extra = [prefetch] if ranges else []
     return pl.pallas_call(
         functools.partial(_kernel, parts=dm.power_of_two_parts(dim), splits=splits, eps=eps, dim=dim,
                           signal=dm.early_launch(interpret), ranges=ranges, programs=m),
         grid=(m,),
         in_specs=[pl.BlockSpec((splits, None, dim), lambda i: (0, i, 0)),
                   pl.BlockSpec((None, dim), row),
-                  pl.BlockSpec((dim,), lambda i: (0,))] + [pl.BlockSpec((l2_prefetch.ALIGN,), lambda i: (0,))] * len(prefetch),
+                  pl.BlockSpec((dim,), lambda i: (0,))] + [pl.BlockSpec((l2_prefetch.ALIGN,), lambda i: (0,))] * len(extra),
         out_specs=[pl.BlockSpec((None, dim), row), pl.BlockSpec((None, dim), row)],
         out_shape=[jax.ShapeDtypeStruct((m, dim), h.dtype), jax.ShapeDtypeStruct((m, dim), out_dtype)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="decode_add_norm",
-    )(partials, h, weight, *prefetch)
+    )(partials, h, weight, *extra)

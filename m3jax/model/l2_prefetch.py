@@ -15,8 +15,6 @@ from m3jax.model import decode_matmul as dm
 
 ROWS = 128  # rows of each split-K part asked for (the first pipeline stages of the product); 0: off
 ALIGN = 16  # bytes: the bulk prefetch's address and size are multiples of 16
-DOWN_TOO = False  # the norm before gate/up also asks for the down product's rows (read after gate/up)
-KEEP = False  # mark the fetched lines evict-last (createpolicy), so a product streaming between keeps them
 
 
 def enabled(interpret: bool = False) -> bool:
@@ -47,22 +45,19 @@ def share(ranges, programs: int) -> int:
     return sizes.pop() // programs // ALIGN * ALIGN
 
 
-def prefetch_asm(ranges, piece: int, keep: bool = False) -> str:
+def prefetch_asm(ranges, piece: int) -> str:
     """PTX: thread 0 of each program (its linear index over the grid) asks for `piece` bytes of every range at
-    offset + index x piece from the array at $1; $0 = $2 (a zero that keeps the statement alive). keep: as KEEP."""
-    lines = ["{", ".reg .pred pfp;", ".reg .u32 pft, pfx, pfy, pfz, pfnx, pfny, pfi, pfs;", ".reg .u64 pfa, pfk;",
+    offset + index x piece from the array at $1; $0 = $2 (a zero that keeps the statement alive)."""
+    lines = ["{", ".reg .pred pfp;", ".reg .u32 pft, pfx, pfy, pfz, pfnx, pfny, pfi, pfs;", ".reg .u64 pfa;",
              "mov.u32 pft, %tid.x;", "setp.eq.u32 pfp, pft, 0;",
              "mov.u32 pfx, %ctaid.x;", "mov.u32 pfy, %ctaid.y;", "mov.u32 pfz, %ctaid.z;",
              "mov.u32 pfnx, %nctaid.x;", "mov.u32 pfny, %nctaid.y;",
              "mad.lo.u32 pfi, pfz, pfny, pfy;", "mad.lo.u32 pfi, pfi, pfnx, pfx;",
              f"mul.wide.u32 pfa, pfi, {piece};", "add.u64 pfa, pfa, $1;", f"mov.u32 pfs, {piece};"]
-    if keep:
-        lines.append("createpolicy.fractional.L2::evict_last.b64 pfk, 1.0;")
-    hint = (".L2::cache_hint", ", pfk") if keep else ("", "")
     for offset, _ in ranges:
         if offset % ALIGN:
             raise ValueError(f"prefetch offset {offset} is not a multiple of {ALIGN} bytes")
-        lines.append(f"@pfp cp.async.bulk.prefetch.L2.global{hint[0]} [pfa+{offset}], pfs{hint[1]};")
+        lines.append(f"@pfp cp.async.bulk.prefetch.L2.global [pfa+{offset}], pfs;")
     lines += ["mov.b32 $0, $2;", "}"]
     return "\n\t".join(lines)
 
@@ -76,6 +71,6 @@ def prefetch(flat_ref, ranges, programs: int):
     if piece == 0:
         return 0.0
     (zero,) = plgpu.elementwise_inline_asm(
-        prefetch_asm(ranges, piece, KEEP), args=[flat_ref, jnp.zeros((ALIGN,), jnp.float32)],
+        prefetch_asm(ranges, piece), args=[flat_ref, jnp.zeros((ALIGN,), jnp.float32)],
         constraints="=f,l,f", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct((ALIGN,), jnp.float32)])
     return jnp.sum(zero)

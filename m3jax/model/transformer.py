@@ -11,7 +11,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m3jax.model.attention import Attention
-from m3jax.model import l2_prefetch
 from m3jax.model.decode_norm import add_and_norm
 from m3jax.model.layers import MLP, RMSNorm
 from m3jax.model.sparsify import select_tokens
@@ -53,8 +52,7 @@ class Block(nnx.Module):
         h, x = add_and_norm(h, pending, self.input_layernorm, impl, next_weight=fused["qkv"])
         a, cache_kv = self.self_attn.decode(x, cos, sin, cache_kv, write_at, memory_valid, fused["qkv"],
                                             update_cache=True, partials=True)
-        ahead = [fused["gate_up"]] + ([self.mlp.down_proj.kernel[...]] if l2_prefetch.DOWN_TOO else [])
-        h, x = add_and_norm(h, a, self.post_attention_layernorm, impl, next_weight=tuple(ahead))
+        h, x = add_and_norm(h, a, self.post_attention_layernorm, impl, next_weight=fused["gate_up"])
         return h, self.mlp.fused(x, fused["gate_up"], partials=True), cache_kv
 
 
