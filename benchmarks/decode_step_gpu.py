@@ -41,9 +41,6 @@ VARIANTS = {  # name: XLA flags, or (XLA flags, model config overrides)
     # the decode kernels without their early griddepcontrol.launch_dependents (decode_matmul.EARLY_LAUNCH)
     "no_early_launch": ("", {"_set": {"decode_matmul.EARLY_LAUNCH": False}}),
     # the add + norm kernels without (or with other amounts of) the L2 prefetch of the next product's first rows
-    # greedy decoding's argmax in one pass (XLA: one block per row) instead of two
-    "one_pass_argmax": ("", {"_set": {"m3jax.generate.sampling.ARGMAX_CHUNK": 0}}),
-    "argmax_chunk_512": ("", {"_set": {"m3jax.generate.sampling.ARGMAX_CHUNK": 512}}),
     "no_l2_prefetch": ("", {"_set": {"l2_prefetch.ROWS": 0}}),
     "l2_prefetch_64": ("", {"_set": {"l2_prefetch.ROWS": 64}}),
     "l2_prefetch_256": ("", {"_set": {"l2_prefetch.ROWS": 256}}),
@@ -118,9 +115,9 @@ def child(config: str, profile_dir: str | None, overrides: dict, batch: int = 32
     overrides = dict(overrides)
     if "_tiling" in overrides:
         use_tilings(overrides.pop("_tiling"))
-    for name, value in overrides.pop("_set", {}).items():  # module constants: "module.NAME" of m3jax.model, or a full path
+    for name, value in overrides.pop("_set", {}).items():  # module constants of m3jax.model, "module.NAME"
         module, attr = name.rsplit(".", 1)
-        setattr(importlib.import_module(module if module.startswith("m3jax.") else f"m3jax.model.{module}"), attr, value)
+        setattr(importlib.import_module(f"m3jax.model.{module}"), attr, value)
     cfg = config_lib.load(config, {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
                                    **{f"model.{k}": v for k, v in overrides.items()}})
     model = load_model(cfg, "random:0")
