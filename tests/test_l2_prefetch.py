@@ -24,6 +24,7 @@ def test_ranges_are_the_first_rows_of_each_split_part():
                                                                             part * 512 * 4)
     assert l2_prefetch.product_ranges(1000, 3200, 4480, 2) == ()
     assert l2_prefetch.product_ranges(32, 3200, 4480, 2, rows=0) == ()
+    assert l2_prefetch.product_ranges(32, 32768, 32768, 2) == ()  # 2 GiB: past the PTX immediate offsets
 
 
 def test_each_program_asks_for_an_aligned_share_of_every_range():
@@ -36,6 +37,8 @@ def test_each_program_asks_for_an_aligned_share_of_every_range():
         l2_prefetch.share(((0, 32), (64, 48)), 2)
     with pytest.raises(ValueError, match="multiple of 16"):
         l2_prefetch.prefetch_asm(((8, 32),), 16)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        l2_prefetch.prefetch_asm(((2 ** 31, 32),), 16)
 
 
 def test_off_the_gpu_no_kernel_prefetches(monkeypatch):

@@ -15,6 +15,7 @@ from m3jax.model import decode_matmul as dm
 
 ROWS = 128  # rows of each split-K part asked for (the first pipeline stages of the product); 0: off
 ALIGN = 16  # bytes: the bulk prefetch's address and size are multiples of 16
+MAX_OFFSET = 2 ** 31 - 1  # offsets are PTX immediates ([reg + imm], a signed 32-bit int)
 
 
 def enabled(interpret: bool = False) -> bool:
@@ -25,10 +26,11 @@ def enabled(interpret: bool = False) -> bool:
 def product_ranges(m: int, k: int, n: int, itemsize: int, rows: int | None = None) -> tuple[tuple[int, int], ...]:
     """(byte offset, bytes) of the rows that `decode_matmul`'s split-K programs read first in an (m, k) @ (k, n)
     product with row-major weights: the first `rows` rows of each of its split parts, all n columns. Empty when
-    the product does not take the kernel (XLA's dot) or rows is 0."""
+    the product does not take the kernel (XLA's dot), rows is 0, or the weight is too large to address
+    with immediate offsets."""
     rows = ROWS if rows is None else rows
     tiling = dm.pick_tiling(m, k, n)
-    if tiling is None or rows <= 0:
+    if tiling is None or rows <= 0 or k * n * itemsize > MAX_OFFSET:
         return ()
     part = k // tiling.splits
     return tuple((i * part * n * itemsize, min(rows, part) * n * itemsize) for i in range(tiling.splits))
@@ -47,7 +49,8 @@ def share(ranges, programs: int) -> int:
 
 def prefetch_asm(ranges, piece: int) -> str:
     """PTX: thread 0 of each program (its linear index over the grid) asks for `piece` bytes of every range at
-    offset + index x piece from the array at $1; $0 = $2 (a zero that keeps the statement alive)."""
+    offset + index x piece from the array at $1; $0 = $2 (a zero that keeps the statement alive). The statement
+    runs once per element a thread holds of the (16,) operands, so thread 0 may repeat its requests: harmless."""
     lines = ["{", ".reg .pred pfp;", ".reg .u32 pft, pfx, pfy, pfz, pfnx, pfny, pfi, pfs;", ".reg .u64 pfa;",
              "mov.u32 pft, %tid.x;", "setp.eq.u32 pfp, pft, 0;",
              "mov.u32 pfx, %ctaid.x;", "mov.u32 pfy, %ctaid.y;", "mov.u32 pfz, %ctaid.z;",
@@ -55,8 +58,8 @@ def prefetch_asm(ranges, piece: int) -> str:
              "mad.lo.u32 pfi, pfz, pfny, pfy;", "mad.lo.u32 pfi, pfi, pfnx, pfx;",
              f"mul.wide.u32 pfa, pfi, {piece};", "add.u64 pfa, pfa, $1;", f"mov.u32 pfs, {piece};"]
     for offset, _ in ranges:
-        if offset % ALIGN:
-            raise ValueError(f"prefetch offset {offset} is not a multiple of {ALIGN} bytes")
+        if offset % ALIGN or not 0 <= offset <= MAX_OFFSET:
+            raise ValueError(f"prefetch offset {offset} is not a multiple of {ALIGN} bytes in [0, {MAX_OFFSET}]")
         lines.append(f"@pfp cp.async.bulk.prefetch.L2.global [pfa+{offset}], pfs;")
     lines += ["mov.b32 $0, $2;", "}"]
     return "\n\t".join(lines)
