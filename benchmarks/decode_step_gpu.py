@@ -45,6 +45,8 @@ VARIANTS = {  # name: XLA flags, or (XLA flags, model config overrides)
     "l2_prefetch_64": ("", {"_set": {"l2_prefetch.ROWS": 64}}),
     "l2_prefetch_256": ("", {"_set": {"l2_prefetch.ROWS": 256}}),
     "l2_prefetch_192": ("", {"_set": {"l2_prefetch.ROWS": 192}}),
+    "l2_prefetch_norm_only": ("", {"_set": {"l2_prefetch.SITES": ["norm"]}}),
+    "l2_prefetch_product_only": ("", {"_set": {"l2_prefetch.SITES": ["product"]}}),
 }
 # Decode-matmul tilings tried inside the step (the kernel's own sweep, decode_matmul_gpu.py, times one
 # product alone): "KxN" -> Tiling fields for that weight shape, "all" -> fields replaced in every pick,

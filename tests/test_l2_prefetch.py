@@ -42,7 +42,7 @@ def test_each_program_asks_for_an_aligned_share_of_every_range():
 
 
 def test_off_the_gpu_no_kernel_prefetches(monkeypatch):
-    assert not l2_prefetch.enabled(interpret=True)
+    assert not l2_prefetch.enabled(interpret=True) and not l2_prefetch.enabled(site="nowhere")
     monkeypatch.setattr(l2_prefetch, "ROWS", 0)
     assert not l2_prefetch.enabled()
 
@@ -76,3 +76,22 @@ def test_the_norm_kernel_with_the_prefetch_lowers_for_a_gpu():
     text = jax.jit(run).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
 
+
+
+def test_the_product_kernel_with_the_prefetch_lowers_for_a_gpu():
+    ranges = l2_prefetch.product_ranges(32, 256, 512, 2, rows=64)
+    tiling = dm.pick_tiling(32, 256, 512)
+    args = (jnp.zeros((32, 256), jnp.bfloat16), jnp.zeros((256, 512), jnp.bfloat16), jnp.zeros((256 * 512,), jnp.bfloat16))
+    run = lambda x, w, flat: dm.pallas_partials(x, w, tiling, False, flat, ranges)  # noqa: E731
+    assert "triton" in jax.jit(run).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.skipif(not l2_prefetch.enabled(site="product"), reason="the prefetch is compiled for Hopper GPUs only")
+def test_products_with_the_prefetch_give_the_same_bits():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(32, 3200)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(3200, 4480)), jnp.bfloat16)
+    later = jnp.asarray(rng.normal(size=(3200, 3200)), jnp.bfloat16)
+    plain = dm.partial_products(x, w, "pallas")
+    fetched = jax.jit(lambda x, w, v: dm.partial_products(x, w, "pallas", next_weight=v))(x, w, later)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(fetched))

@@ -148,7 +148,8 @@ class Attention(nnx.Module):
         if qkv_kernel is None:
             qkv = jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=2)
         else:
-            qkv = dm.decode_matmul(x.astype(self.q_proj.dtype), qkv_kernel, self.decode_matmul)
+            qkv = dm.decode_matmul(x.astype(self.q_proj.dtype), qkv_kernel, self.decode_matmul,
+                                   next_weight=self.o_proj.kernel[...].reshape(hq * qkv_kernel.shape[-1], -1))
         hkv, d = (qkv.shape[2] - hq) // 2, qkv.shape[3]
         # RoPE on q and k with v passed through: one element-wise pass, one array for the kernel
         qkv = jnp.concatenate([apply_rope(qkv[:, :, :hq + hkv], cos, sin), qkv[:, :, hq + hkv:]], axis=2)

@@ -36,7 +36,7 @@ def add_and_norm(h, partials, norm, impl: str, next_weight=None):
         interpret = jax.default_backend() != "gpu"
         flat, ranges = None, ()
         # only a weight the product reads as it is (its dtype is x's: no converted copy in between)
-        if next_weight is not None and next_weight.dtype == jnp.dtype(norm.dtype) and l2_prefetch.enabled(interpret):
+        if next_weight is not None and next_weight.dtype == jnp.dtype(norm.dtype) and l2_prefetch.enabled(interpret, "norm"):
             flat = next_weight.reshape(-1)
             ranges = l2_prefetch.product_ranges(h2.shape[0], next_weight.shape[0], flat.size // next_weight.shape[0],
                                                 flat.dtype.itemsize)

@@ -4,7 +4,9 @@ A decoding step's weight products each start by waiting out HBM's latency: their
 issue loads once the kernel before them has finished (XLA's PDL wait sits at a Pallas kernel's entry).
 The small kernel before a product (the residual add + norm) leaves HBM idle, so it issues
 `cp.async.bulk.prefetch.L2` for the rows each of the product's split-K programs reads first: fire and
-forget, one instruction per program and range, so the small kernel does not wait for the bytes.
+forget, one instruction per program and range, so the small kernel does not wait for the bytes. Where
+the kernel before a product is XLA's (RoPE before the attention and o; the SiLU product before down),
+the product before that kernel asks instead, as each of its programs finishes.
 """
 from __future__ import annotations
 
@@ -15,12 +17,15 @@ from m3jax.model import decode_matmul as dm
 
 ROWS = 128  # rows of each split-K part asked for (the first pipeline stages of the product); 0: off
 ALIGN = 16  # bytes: the bulk prefetch's address and size are multiples of 16
+# which kernels ask: the add + norm (for the product after it), products (q/k/v for o, gate/up for down)
+SITES = ("norm", "product")
 MAX_OFFSET = 2 ** 31 - 1  # offsets are PTX immediates ([reg + imm], a signed 32-bit int)
 
 
-def enabled(interpret: bool = False) -> bool:
-    """Whether kernels issue the prefetch: ROWS > 0 and the same Hopper gate as `decode_matmul.early_launch`."""
-    return ROWS > 0 and dm.early_launch(interpret)
+def enabled(interpret: bool = False, site: str = "norm") -> bool:
+    """Whether the kernels of `site` (one of SITES) issue the prefetch: ROWS > 0, the site listed, and the same
+    Hopper gate as `decode_matmul.early_launch`."""
+    return ROWS > 0 and site in SITES and dm.early_launch(interpret)
 
 
 def product_ranges(m: int, k: int, n: int, itemsize: int, rows: int | None = None) -> tuple[tuple[int, int], ...]:
@@ -49,7 +54,7 @@ def share(ranges, programs: int) -> int:
 
 def prefetch_asm(ranges, piece: int) -> str:
     """PTX: thread 0 of each program (its linear index over the grid) asks for `piece` bytes of every range at
-    offset + index x piece from the array at $1; $0 = $2 (a zero that keeps the statement alive). The statement
+    offset + index x piece from the array at $1 (once $2 is there); $0 = 0 (a zero that keeps the statement alive). The statement
     runs once per element a thread holds of the (16,) operands, so thread 0 may repeat its requests: harmless."""
     lines = ["{", ".reg .pred pfp;", ".reg .u32 pft, pfx, pfy, pfz, pfnx, pfny, pfi, pfs;", ".reg .u64 pfa;",
              "mov.u32 pft, %tid.x;", "setp.eq.u32 pfp, pft, 0;",
@@ -61,19 +66,20 @@ def prefetch_asm(ranges, piece: int) -> str:
         if offset % ALIGN or not 0 <= offset <= MAX_OFFSET:
             raise ValueError(f"prefetch offset {offset} is not a multiple of {ALIGN} bytes in [0, {MAX_OFFSET}]")
         lines.append(f"@pfp cp.async.bulk.prefetch.L2.global [pfa+{offset}], pfs;")
-    lines += ["mov.b32 $0, $2;", "}"]
+    lines += ["mov.b32 $0, 0;", "}"]  # not $2: that may be a NaN the caller waited for
     return "\n\t".join(lines)
 
 
-def prefetch(flat_ref, ranges, programs: int):
+def prefetch(flat_ref, ranges, programs: int, after=None):
     """Inside a kernel of `programs` programs: ask the L2 for `ranges` of the array flat_ref points at (flat_ref:
-    a (16,) block at the start of a 1-D view of it). Returns 0.0: add it into an early value the kernel uses."""
+    a (16,) block at the start of a 1-D view of it). Returns 0.0: add it into a value the kernel uses. after:
+    None, or a scalar the request waits for (it is an operand; the result stays 0.0 whatever its value)."""
     from jax.experimental.pallas import triton as plgpu
 
     piece = share(ranges, programs)
     if piece == 0:
         return 0.0
     (zero,) = plgpu.elementwise_inline_asm(
-        prefetch_asm(ranges, piece), args=[flat_ref, jnp.zeros((ALIGN,), jnp.float32)],
+        prefetch_asm(ranges, piece), args=[flat_ref, jnp.zeros((ALIGN,), jnp.float32) + (0.0 if after is None else after)],
         constraints="=f,l,f", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct((ALIGN,), jnp.float32)])
     return jnp.sum(zero)

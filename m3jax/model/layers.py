@@ -75,7 +75,8 @@ class MLP(nnx.Module):
         the down product as f32 partial sums, `partial_products` (splits, rows >= x's rows, dim)."""
         with jax.named_scope("mlp"):
             dtype = self.down_proj.dtype
-            gate_up = decode_matmul(x.astype(dtype), gate_up_kernel, self.decode_matmul)
+            gate_up = decode_matmul(x.astype(dtype), gate_up_kernel, self.decode_matmul,
+                                    next_weight=self.down_proj.kernel[...])
             h = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
             if partials:
                 return partial_products(h.reshape(-1, h.shape[-1]), self.down_proj.kernel[...], self.decode_matmul)
