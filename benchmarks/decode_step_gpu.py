@@ -40,7 +40,7 @@ VARIANTS = {  # name: XLA flags, or (XLA flags, model config overrides)
     "pdl_off": "--xla_gpu_enable_pdl=false",
     # the decode kernels without their early griddepcontrol.launch_dependents (decode_matmul.EARLY_LAUNCH)
     "no_early_launch": ("", {"_set": {"decode_matmul.EARLY_LAUNCH": False}}),
-    # the add + norm kernels without (or with other amounts of) the L2 prefetch of the next product's first rows
+    # without (or with other amounts of) the L2 prefetch of later products' first rows, or with one site of it
     "no_l2_prefetch": ("", {"_set": {"l2_prefetch.ROWS": 0}}),
     "l2_prefetch_64": ("", {"_set": {"l2_prefetch.ROWS": 64}}),
     "l2_prefetch_256": ("", {"_set": {"l2_prefetch.ROWS": 256}}),
