@@ -47,6 +47,18 @@ def test_off_the_gpu_no_kernel_prefetches(monkeypatch):
     assert not l2_prefetch.enabled()
 
 
+def test_plan_takes_only_weights_read_as_they_are(monkeypatch):
+    w = jnp.zeros((3200, 2, 3200), jnp.bfloat16)  # gate/up as fused: (dim, 2, mlp)
+    assert l2_prefetch.plan(w, 32, jnp.bfloat16, "norm", interpret=True) == (None, ())  # off the GPU
+    monkeypatch.setattr(l2_prefetch, "enabled", lambda interpret, site: site == "norm")
+    flat, ranges = l2_prefetch.plan(w, 32, jnp.bfloat16, "norm", interpret=False)
+    assert flat.shape == (3200 * 6400,) and ranges == l2_prefetch.product_ranges(32, 3200, 6400, 2)
+    assert l2_prefetch.plan(w, 32, jnp.float32, "norm", False) == (None, ())  # the product would read a copy
+    assert l2_prefetch.plan(w, 32, jnp.bfloat16, "product", False) == (None, ())  # that site is off
+    assert l2_prefetch.plan(None, 32, jnp.bfloat16, "norm", False) == (None, ())
+    assert l2_prefetch.plan(w, 1000, jnp.bfloat16, "norm", False) == (None, ())  # XLA's dot: nothing to ask for
+
+
 @pytest.mark.skipif(not l2_prefetch.enabled(), reason="the prefetch is compiled for Hopper GPUs only")
 def test_norm_with_the_prefetch_gives_the_same_bits():
     rng = np.random.default_rng(0)

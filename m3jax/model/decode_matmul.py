@@ -164,6 +164,8 @@ def pallas_partials(x, w, tiling: Tiling, interpret: bool = False, prefetch=None
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
+    from m3jax.model import l2_prefetch
+
     m, k = x.shape
     n = w.shape[1]
     rows = dot_rows(m)
@@ -177,7 +179,7 @@ def pallas_partials(x, w, tiling: Tiling, interpret: bool = False, prefetch=None
                           ranges=ranges if extra else (), programs=(n // bn) * s),
         grid=(n // bn, s),
         in_specs=[pl.BlockSpec((rows, part), lambda j, i: (0, i)),
-                  pl.BlockSpec((part, bn), lambda j, i: (i, j))] + [pl.BlockSpec((16,), lambda j, i: (0,))] * len(extra),
+                  pl.BlockSpec((part, bn), lambda j, i: (i, j))] + [pl.BlockSpec((l2_prefetch.ALIGN,), lambda j, i: (0,))] * len(extra),
         out_specs=pl.BlockSpec((None, rows, bn), lambda j, i: (i, 0, j)),
         out_shape=jax.ShapeDtypeStruct((s, rows, n), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
@@ -210,12 +212,8 @@ def partial_products(x, w, impl: str, next_weight=None):
     from m3jax.model import l2_prefetch
 
     interpret = jax.default_backend() != "gpu"
-    ranges = ()
-    if next_weight is not None and next_weight.dtype == x.dtype and l2_prefetch.enabled(interpret, "product"):
-        k2 = next_weight.shape[0]
-        next_weight = next_weight.reshape(-1)
-        ranges = l2_prefetch.product_ranges(x.shape[0], k2, next_weight.size // k2, next_weight.dtype.itemsize)
-    return pallas_partials(x, w, tiling, interpret, next_weight if ranges else None, ranges)
+    flat, ranges = l2_prefetch.plan(next_weight, x.shape[0], x.dtype, "product", interpret)
+    return pallas_partials(x, w, tiling, interpret, flat, ranges)
 
 
 def decode_matmul(x, w, impl: str, out_dtype=None, next_weight=None):

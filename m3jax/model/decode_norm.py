@@ -34,14 +34,9 @@ def add_and_norm(h, partials, norm, impl: str, next_weight=None):
         raise ValueError(f"partials of shape {partials.shape} cannot be added to a residual stream of {h.shape}")
     if impl == "pallas" and dm.power_of_two_parts(dim) is not None:
         interpret = jax.default_backend() != "gpu"
-        flat, ranges = None, ()
-        # only a weight the product reads as it is (its dtype is x's: no converted copy in between)
-        if next_weight is not None and next_weight.dtype == jnp.dtype(norm.dtype) and l2_prefetch.enabled(interpret, "norm"):
-            flat = next_weight.reshape(-1)
-            ranges = l2_prefetch.product_ranges(h2.shape[0], next_weight.shape[0], flat.size // next_weight.shape[0],
-                                                flat.dtype.itemsize)
+        flat, ranges = l2_prefetch.plan(next_weight, h2.shape[0], jnp.dtype(norm.dtype), "norm", interpret)
         new_h, x = pallas_add_and_norm(partials, h2, norm.weight[...], eps=norm.eps, out_dtype=jnp.dtype(norm.dtype),
-                                       interpret=interpret, prefetch=flat if ranges else None, ranges=ranges)
+                                       interpret=interpret, prefetch=flat, ranges=ranges)
         return new_h.reshape(h.shape), x.reshape(h.shape)
     new_h = h + partials.sum(axis=0)[:h2.shape[0]].reshape(h.shape).astype(h.dtype)
     return new_h, norm(new_h)

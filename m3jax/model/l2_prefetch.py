@@ -41,6 +41,17 @@ def product_ranges(m: int, k: int, n: int, itemsize: int, rows: int | None = Non
     return tuple((i * part * n * itemsize, min(rows, part) * n * itemsize) for i in range(tiling.splits))
 
 
+def plan(next_weight, m: int, x_dtype, site: str, interpret: bool):
+    """(the weight as a 1-D array, its ranges) for a kernel at `site` to ask for, or (None, ()): when the
+    prefetch is off, or the weight is not one the (m, k) product reads as it is (its dtype must be x_dtype:
+    a converted copy would be read instead), or `product_ranges` finds nothing to ask for."""
+    if next_weight is None or next_weight.dtype != x_dtype or not enabled(interpret, site):
+        return None, ()
+    k = next_weight.shape[0]
+    ranges = product_ranges(m, k, next_weight.size // k, next_weight.dtype.itemsize)
+    return (next_weight.reshape(-1), ranges) if ranges else (None, ())
+
+
 def share(ranges, programs: int) -> int:
     """Bytes each of `programs` programs asks for in every range: an equal, 16-byte-aligned share (the
     ranges' tails past programs x share are left out). 0 when there is nothing to share."""
@@ -54,8 +65,9 @@ def share(ranges, programs: int) -> int:
 
 def prefetch_asm(ranges, piece: int) -> str:
     """PTX: thread 0 of each program (its linear index over the grid) asks for `piece` bytes of every range at
-    offset + index x piece from the array at $1 (once $2 is there); $0 = 0 (a zero that keeps the statement alive). The statement
-    runs once per element a thread holds of the (16,) operands, so thread 0 may repeat its requests: harmless."""
+    offset + index x piece from the array at $1 (once $2 is there); $0 = 0 (a zero that keeps the statement
+    alive). The statement runs once per element a thread holds of the (16,) operands, so thread 0 may repeat
+    its requests: harmless."""
     lines = ["{", ".reg .pred pfp;", ".reg .u32 pft, pfx, pfy, pfz, pfnx, pfny, pfi, pfs;", ".reg .u64 pfa;",
              "mov.u32 pft, %tid.x;", "setp.eq.u32 pfp, pft, 0;",
              "mov.u32 pfx, %ctaid.x;", "mov.u32 pfy, %ctaid.y;", "mov.u32 pfz, %ctaid.z;",
