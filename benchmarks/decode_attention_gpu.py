@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import gpu_trace  # benchmarks/, beside this script
 
 from m3jax.model import decode_attention as da
+from m3jax.model import decode_matmul as dm
 from m3jax.model.attention import Attention
 
 B, HQ, HKV, D, STREAM, MEMORY = 32, 40, 8, 80, 264, 40
@@ -93,7 +94,11 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--skip_sweep", action="store_true", help="only the default tiling against XLA's path")
     parser.add_argument("--compare", default="", help="tilings timed in every case, e.g. '128,1,2,3;64,1,4,3'")
+    parser.add_argument("--early_launch", action="store_true",
+                        help="let kernels signal their dependents early (as in a step); off by default, since a "
+                             "kernel's span in the trace then includes its wait for the layer before")
     args = parser.parse_args()
+    dm.EARLY_LAUNCH = args.early_launch
     compare = [da.Tiling(*map(int, t.split(","))) for t in args.compare.split(";") if t]
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     report = {"sweep": [], "cases": []}
