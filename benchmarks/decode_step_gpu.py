@@ -47,11 +47,6 @@ VARIANTS = {  # name: XLA flags, or (XLA flags, model config overrides)
     "l2_prefetch_192": ("", {"_set": {"l2_prefetch.ROWS": 192}}),
     "l2_prefetch_norm_only": ("", {"_set": {"l2_prefetch.SITES": ["norm"]}}),
     "l2_prefetch_product_only": ("", {"_set": {"l2_prefetch.SITES": ["product"]}}),
-    # which kernel asks the L2 for the attention's KV cache rows (cache_prefetch.SITES), or none
-    "no_cache_prefetch": ("", {"_set": {"cache_prefetch.SITES": []}}),
-    "cache_prefetch_norm": ("", {"_set": {"cache_prefetch.SITES": ["norm"]}}),
-    "cache_prefetch_product": ("", {"_set": {"cache_prefetch.SITES": ["product"]}}),
-    "cache_prefetch_both": ("", {"_set": {"cache_prefetch.SITES": ["norm", "product"]}}),
 }
 # Decode-matmul tilings tried inside the step (the kernel's own sweep, decode_matmul_gpu.py, times one
 # product alone): "KxN" -> Tiling fields for that weight shape, "all" -> fields replaced in every pick,

@@ -145,19 +145,16 @@ class Attention(nnx.Module):
         `decode_matmul.partial_products` gives them.
         """
         b, hq = x.shape[0], self.o_proj.kernel.shape[0]
-        cache_k, cache_v = cache_kv
-        hkv, d = cache_k.shape[2:]
-        by_kernel = update_cache and self.decode_attention == "pallas" and da.fits(hq, hkv, d)
         if qkv_kernel is None:
             qkv = jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=2)
-        else:  # the product's programs may ask the L2 for o's first rows and for the cache the kernel reads
-            slots = 0 if memory_valid is None else memory_valid.shape[1]
+        else:
             qkv = dm.decode_matmul(x.astype(self.q_proj.dtype), qkv_kernel, self.decode_matmul,
-                                   next_weight=self.o_proj.kernel[...].reshape(hq * qkv_kernel.shape[-1], -1),
-                                   kv_cache=(cache_k, cache_v, write_at, slots) if by_kernel else None)
+                                   next_weight=self.o_proj.kernel[...].reshape(hq * qkv_kernel.shape[-1], -1))
+        hkv, d = (qkv.shape[2] - hq) // 2, qkv.shape[3]
         # RoPE on q and k with v passed through: one element-wise pass, one array for the kernel
         qkv = jnp.concatenate([apply_rope(qkv[:, :, :hq + hkv], cos, sin), qkv[:, :, hq + hkv:]], axis=2)
-        if by_kernel:
+        cache_k, cache_v = cache_kv
+        if update_cache and self.decode_attention == "pallas" and da.fits(hq, hkv, d):
             out, cache_k, cache_v = da.decode_attention_packed(qkv[:, 0], cache_k, cache_v, write_at, memory_valid)
             out, kv = out[:, None], (cache_k, cache_v)
         else:

@@ -137,14 +137,12 @@ def float32_precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _kernel(x_ref, w_ref, *refs, block_k: int, steps: int, signal: bool, ranges=(), programs: int = 0,
-            cache_layout=None):
+def _kernel(x_ref, w_ref, *refs, block_k: int, steps: int, signal: bool, ranges=(), programs: int = 0):
     from jax.experimental import pallas as pl
 
-    from m3jax.model import cache_prefetch, l2_prefetch
+    from m3jax.model import l2_prefetch
 
     *next_refs, o_ref = refs
-    cache_refs = next_refs[-3:] if cache_layout else None
     precision = float32_precision(x_ref.dtype)
 
     def body(i, acc):
@@ -155,19 +153,14 @@ def _kernel(x_ref, w_ref, *refs, block_k: int, steps: int, signal: bool, ranges=
     acc = jax.lax.fori_loop(0, steps, body, start)
     if ranges:  # this program's share of a later product's first rows, once its own loads are done
         acc += l2_prefetch.prefetch(next_refs[0], ranges, programs, after=jnp.sum(acc))
-    if cache_layout:  # the attention's cache rows, for after the small kernel that follows
-        program = pl.program_id(1) * pl.num_programs(0) + pl.program_id(0)
-        acc += cache_prefetch.prefetch(*cache_refs, program, programs, cache_layout, after=jnp.sum(acc))
     o_ref[...] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("tiling", "interpret", "ranges", "cache_layout"))
-def pallas_partials(x, w, tiling: Tiling, interpret: bool = False, prefetch=None, ranges=(), cache=None,
-                    cache_layout=None):
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret", "ranges"))
+def pallas_partials(x, w, tiling: Tiling, interpret: bool = False, prefetch=None, ranges=()):
     """x: (m, k) @ w: (k, n) as the kernel's f32 partial sums, (splits, dot_rows(m), n); rows past m are zero.
     interpret: run on any backend (tests on the CPU). prefetch, ranges: a 1-D array and (byte offset, bytes)
-    ranges of it that the programs ask the L2 for as they finish (m3jax/model/l2_prefetch.py; Hopper only).
-    cache, cache_layout: as `cache_prefetch.plan` gives them, an attention cache to ask for too (or None)."""
+    ranges of it that the programs ask the L2 for as they finish (m3jax/model/l2_prefetch.py; Hopper only)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -181,19 +174,12 @@ def pallas_partials(x, w, tiling: Tiling, interpret: bool = False, prefetch=None
     bn, bk, s = tiling.block_n, tiling.block_k, tiling.splits
     part = k // s
     extra = [prefetch] if prefetch is not None and ranges else []
-    extra_specs = [pl.BlockSpec((l2_prefetch.ALIGN,), lambda j, i: (0,))] * len(extra)
-    cache_layout = cache_layout if cache is not None else None
-    if cache_layout:
-        extra += list(cache)
-        extra_specs += [pl.BlockSpec((l2_prefetch.ALIGN,), lambda j, i: (0,))] * 2 + [
-            pl.BlockSpec((cache_layout.rows,), lambda j, i: (0,))]
     return pl.pallas_call(
         functools.partial(_kernel, block_k=bk, steps=part // bk, signal=early_launch(interpret),
-                          ranges=ranges if prefetch is not None else (), programs=(n // bn) * s,
-                          cache_layout=cache_layout),
+                          ranges=ranges if extra else (), programs=(n // bn) * s),
         grid=(n // bn, s),
         in_specs=[pl.BlockSpec((rows, part), lambda j, i: (0, i)),
-                  pl.BlockSpec((part, bn), lambda j, i: (i, j))] + extra_specs,
+                  pl.BlockSpec((part, bn), lambda j, i: (i, j))] + [pl.BlockSpec((l2_prefetch.ALIGN,), lambda j, i: (0,))] * len(extra),
         out_specs=pl.BlockSpec((None, rows, bn), lambda j, i: (i, 0, j)),
         out_shape=jax.ShapeDtypeStruct((s, rows, n), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
@@ -209,14 +195,12 @@ def pallas_matmul(x, w, tiling: Tiling, interpret: bool = False, out_dtype=None)
     return partials.sum(axis=0)[:x.shape[0]].astype(out_dtype or x.dtype)
 
 
-def partial_products(x, w, impl: str, next_weight=None, kv_cache=None):
+def partial_products(x, w, impl: str, next_weight=None):
     """x: (m, k) @ w: (k, n) as f32 partial sums (splits, rows >= m, n): summed over the first axis, rows
     [:m] are the product. The split-K kernel's sums are left to whatever reads the product (decode_norm
     adds them into the residual stream); XLA's dot gives one part. impl: as `decode_matmul`. next_weight:
     None, or the (k2, ...) weight of a product that reads this one's result next but one (after a small
-    kernel): on Hopper the kernel's programs ask the L2 for its first rows as they finish (l2_prefetch).
-    kv_cache: None, or (cache_k, cache_v, write_at, memory_slots) of an attention after this product: its
-    programs ask for the rows it reads (cache_prefetch)."""
+    kernel): on Hopper the kernel's programs ask the L2 for its first rows as they finish (l2_prefetch)."""
     if x.ndim != 2 or w.ndim != 2 or w.shape[0] != x.shape[1]:
         raise ValueError(f"partial_products multiplies (m, k) by (k, n), got {x.shape} and {w.shape}")
     if impl not in ("xla", "pallas"):
@@ -225,25 +209,23 @@ def partial_products(x, w, impl: str, next_weight=None, kv_cache=None):
     if tiling is None:
         return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32,
                        precision=float32_precision(x.dtype))[None]
-    from m3jax.model import cache_prefetch, l2_prefetch
+    from m3jax.model import l2_prefetch
 
     interpret = jax.default_backend() != "gpu"
     flat, ranges = l2_prefetch.plan(next_weight, x.shape[0], x.dtype, "product", interpret)
-    cache, layout = (None, None) if kv_cache is None else cache_prefetch.plan(
-        *kv_cache, programs=(w.shape[1] // tiling.block_n) * tiling.splits, site="product", interpret=interpret)
-    return pallas_partials(x, w, tiling, interpret, flat, ranges, cache, layout)
+    return pallas_partials(x, w, tiling, interpret, flat, ranges)
 
 
-def decode_matmul(x, w, impl: str, out_dtype=None, next_weight=None, kv_cache=None):
+def decode_matmul(x, w, impl: str, out_dtype=None, next_weight=None):
     """x: (..., k) @ w: (k, ...) -> (..., *w.shape[1:]) in out_dtype (default x's), f32 accumulation.
 
     impl: "xla" (jnp.dot), or "pallas" (the split-K kernel where its tiling fits the shape, XLA's dot
     otherwise; off GPU the kernel runs in Pallas' interpreter, for tests); resolve "auto" first.
-    next_weight, kv_cache: as `partial_products`.
+    next_weight: as `partial_products`.
     """
     lead, k = x.shape[:-1], x.shape[-1]
     if w.shape[0] != k:
         raise ValueError(f"cannot multiply (..., {k}) by {w.shape}")
     x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
-    y = partial_products(x2, w2, impl, next_weight, kv_cache).sum(axis=0)[:x2.shape[0]].astype(out_dtype or x.dtype)
+    y = partial_products(x2, w2, impl, next_weight).sum(axis=0)[:x2.shape[0]].astype(out_dtype or x.dtype)
     return y.reshape(*lead, *w.shape[1:])

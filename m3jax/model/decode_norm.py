@@ -13,21 +13,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from m3jax.model import cache_prefetch
 from m3jax.model import decode_matmul as dm
 from m3jax.model import l2_prefetch
 
 
-def add_and_norm(h, partials, norm, impl: str, next_weight=None, kv_cache=None):
+def add_and_norm(h, partials, norm, impl: str, next_weight=None):
     """(h + product, norm(h + product)), rounded as `h + product.astype(h.dtype)` then `norm(...)` round.
 
     h: (..., dim) the residual stream; partials: None (nothing to add), or the product to add as
     `decode_matmul.partial_products` gives it, (splits, rows >= h's rows, dim) f32; norm: the
     `layers.RMSNorm` to apply; impl: "pallas" (the kernel where dim splits into power-of-two parts,
     interpreted off GPU) or "xla"; next_weight: None, or the weight (dim, ...) of the product that reads the
-    normed x next: on Hopper the kernel asks the L2 for its first rows (m3jax/model/l2_prefetch.py);
-    kv_cache: None, or (cache_k, cache_v, write_at, memory_slots) of the attention after that product: the
-    kernel asks for the rows the attention reads (m3jax/model/cache_prefetch.py).
+    normed x next: on Hopper the kernel asks the L2 for its first rows (m3jax/model/l2_prefetch.py).
     """
     if partials is None:
         return h, norm(h)
@@ -38,24 +35,15 @@ def add_and_norm(h, partials, norm, impl: str, next_weight=None, kv_cache=None):
     if impl == "pallas" and dm.power_of_two_parts(dim) is not None:
         interpret = jax.default_backend() != "gpu"
         flat, ranges = l2_prefetch.plan(next_weight, h2.shape[0], jnp.dtype(norm.dtype), "norm", interpret)
-        cache, layout = (None, None) if kv_cache is None else cache_prefetch.plan(
-            *kv_cache, programs=h2.shape[0], site="norm", interpret=interpret)
         new_h, x = pallas_add_and_norm(partials, h2, norm.weight[...], eps=norm.eps, out_dtype=jnp.dtype(norm.dtype),
-                                       interpret=interpret, prefetch=flat, ranges=ranges, cache=cache,
-                                       cache_layout=layout)
+                                       interpret=interpret, prefetch=flat, ranges=ranges)
         return new_h.reshape(h.shape), x.reshape(h.shape)
     new_h = h + partials.sum(axis=0)[:h2.shape[0]].reshape(h.shape).astype(h.dtype)
     return new_h, norm(new_h)
 
 
-def _kernel(p_ref, h_ref, w_ref, *refs, parts, splits: int, eps: float, dim: int, signal: bool, ranges, programs: int,
-            cache_layout):
-    from jax.experimental import pallas as pl
-
-    refs = list(refs)
-    next_ref = refs.pop(0) if ranges else None
-    cache_refs = [refs.pop(0) for _ in range(3)] if cache_layout else None
-    h_out_ref, x_out_ref = refs
+def _kernel(p_ref, h_ref, w_ref, *refs, parts, splits: int, eps: float, dim: int, signal: bool, ranges, programs: int):
+    next_ref, (h_out_ref, x_out_ref) = (refs[0], refs[1:]) if ranges else (None, refs)
     # Triton's vectors are powers of two (3200 = 2048 + 1024 + 128). Every load comes before any store:
     # a first version that stored each part before loading the next took 5.3 us a call on an H200.
     cols = [slice(offset, offset + size) for offset, size in parts]
@@ -65,8 +53,6 @@ def _kernel(p_ref, h_ref, w_ref, *refs, parts, splits: int, eps: float, dim: int
     new_hs, sum_sq = [], dm.launch_dependents() if signal else 0.0
     if ranges:  # fire and forget, before this kernel's own loads are waited for
         sum_sq += l2_prefetch.prefetch(next_ref, ranges, programs)
-    if cache_layout:  # the attention's cache rows, for after the product
-        sum_sq += cache_prefetch.prefetch(*cache_refs, pl.program_id(0), programs, cache_layout)
     for product, h in zip(products, hs):
         total = product[0]
         for p in product[1:]:
@@ -80,13 +66,12 @@ def _kernel(p_ref, h_ref, w_ref, *refs, parts, splits: int, eps: float, dim: int
         x_out_ref[c] = (new_h * scale * w).astype(x_out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "interpret", "num_warps", "ranges", "cache_layout"))
+@functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "interpret", "num_warps", "ranges"))
 def pallas_add_and_norm(partials, h, weight, eps: float, out_dtype, interpret: bool, num_warps: int = 8,
-                        prefetch=None, ranges=(), cache=None, cache_layout=None):
+                        prefetch=None, ranges=()):
     """The kernel alone: partials (splits, >= m, dim) f32, h (m, dim), weight (dim,) -> (h + sum of partials,
     its RMS norm in out_dtype). `add_and_norm` is the model's entry; this one is for benchmarks and tuning.
-    prefetch, ranges: a 1-D array and (byte offset, bytes) ranges of it to ask the L2 for (Hopper only);
-    cache, cache_layout: as `cache_prefetch.plan` gives them, the attention cache to ask for (or None)."""
+    prefetch, ranges: a 1-D array and (byte offset, bytes) ranges of it to ask the L2 for (Hopper only)."""
     # 8 warps: the fastest of 1-16 in benchmarks/decode_norm_gpu.py (an H200; 4 warps gained nothing in a step)
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
@@ -96,19 +81,13 @@ def pallas_add_and_norm(partials, h, weight, eps: float, out_dtype, interpret: b
     row = lambda i: (i, 0)  # noqa: E731
     ranges = ranges if prefetch is not None else ()
     extra = [prefetch] if ranges else []
-    extra_specs = [pl.BlockSpec((l2_prefetch.ALIGN,), lambda i: (0,))] * len(extra)
-    cache_layout = cache_layout if cache is not None else None
-    if cache_layout:
-        extra += list(cache)
-        extra_specs += [pl.BlockSpec((l2_prefetch.ALIGN,), lambda i: (0,))] * 2 + [
-            pl.BlockSpec((cache_layout.rows,), lambda i: (0,))]
     return pl.pallas_call(
         functools.partial(_kernel, parts=dm.power_of_two_parts(dim), splits=splits, eps=eps, dim=dim,
-                          signal=dm.early_launch(interpret), ranges=ranges, programs=m, cache_layout=cache_layout),
+                          signal=dm.early_launch(interpret), ranges=ranges, programs=m),
         grid=(m,),
         in_specs=[pl.BlockSpec((splits, None, dim), lambda i: (0, i, 0)),
                   pl.BlockSpec((None, dim), row),
-                  pl.BlockSpec((dim,), lambda i: (0,))] + extra_specs,
+                  pl.BlockSpec((dim,), lambda i: (0,))] + [pl.BlockSpec((l2_prefetch.ALIGN,), lambda i: (0,))] * len(extra),
         out_specs=[pl.BlockSpec((None, dim), row), pl.BlockSpec((None, dim), row)],
         out_shape=[jax.ShapeDtypeStruct((m, dim), h.dtype), jax.ShapeDtypeStruct((m, dim), out_dtype)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),

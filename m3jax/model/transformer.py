@@ -49,8 +49,7 @@ class Block(nnx.Module):
         pending: the previous layer's last product, not yet added to h, as partial sums (None: nothing).
         Returns (h, this layer's last product as partial sums, cache_kv)."""
         impl = self.self_attn.decode_matmul
-        kv_cache = (*cache_kv, write_at, 0 if memory_valid is None else memory_valid.shape[1])
-        h, x = add_and_norm(h, pending, self.input_layernorm, impl, next_weight=fused["qkv"], kv_cache=kv_cache)
+        h, x = add_and_norm(h, pending, self.input_layernorm, impl, next_weight=fused["qkv"])
         a, cache_kv = self.self_attn.decode(x, cos, sin, cache_kv, write_at, memory_valid, fused["qkv"],
                                             update_cache=True, partials=True)
         h, x = add_and_norm(h, a, self.post_attention_layernorm, impl, next_weight=fused["gate_up"])
