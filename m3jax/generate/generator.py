@@ -6,8 +6,9 @@ paper) they are dropped and those new tokens are the query for the next ones. RA
 prompt's chunks retrieve are put, as text, in front of the prompt (whole references, best chunk
 first, as many as fit the context), and no memory is read.
 
-The prompt is read once (`prefill`) into a preallocated KV cache; decoding runs `chunk_len` steps per
-jitted call (one `lax.scan`, cache donated), and the host retrieves between calls. `generate_many`
+The prompt is read once (`prefill`) into a preallocated KV cache; with memory, decoding runs `chunk_len`
+steps per jitted call (one `lax.scan`, cache donated), and the host retrieves between calls; without
+memory (none, RAG) it runs in one call. `generate_many`
 runs batches in threads so that one batch's host work (retrieval, bank reads) overlaps another's
 decoding. Tokens after a row's end-of-text are dropped from its output (the batch keeps its shape
 while decoding).
@@ -225,7 +226,8 @@ class Generator:
                 memory_kv = first_kv if fed == 0 else self.source.reader.gather_on_device(last)
                 took("retrieval", t0)
             t0 = time.perf_counter()
-            steps = min(self.chunk, max_new_tokens - done)
+            # only memory needs the host between spans; one span otherwise saves a call and its round trip
+            steps = min(self.chunk, max_new_tokens - done) if mode == "memory" else max_new_tokens - done
             key, span_key = jax.random.split(key)
             new_tokens, cache = self._decode(self._weights, cache, token, write_at, memory_kv, span_key,
                                              steps=steps, temperature=temperature, top_p=top_p)
