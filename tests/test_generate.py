@@ -128,6 +128,22 @@ def test_memory_swaps_at_chunk_boundaries(setup):
     assert [r.shape for r in result.retrievals] == [(1, 2, 2), (1, 2), (1, 2), (1, 2)]
 
 
+def test_only_memory_mode_decodes_in_spans(setup):
+    # memory swaps need the host every chunk_len new tokens; without memory, decoding is one call
+    cfg, model, source, _, _ = setup
+    chunk = cfg.memory.chunk_len
+    prompt = list(np.random.default_rng(4).integers(5, cfg.model.vocab_size, chunk))
+    calls = {}
+    for mode in ("memory", "none", "rag"):
+        gen = Generator(model, source, eos_id=-1)
+        decode, seen = gen._decode, []
+        gen._decode = lambda *args, decode=decode, seen=seen, **kw: seen.append(kw["steps"]) or decode(*args, **kw)
+        assert len(gen.generate([prompt], 3 * chunk + 2, mode=mode).tokens[0]) == 3 * chunk + 2
+        calls[mode] = seen
+    assert calls["memory"] == [chunk, chunk, chunk, 1]
+    assert calls["none"] == calls["rag"] == [3 * chunk + 1]
+
+
 def test_batches_in_flight_equal_one_batch_at_a_time(setup):
     """generate_many runs batches concurrently (the first two batches' prompt retrievals meet at a
     barrier: one batch at a time, they could not) and gives each batch what generate gives it alone, with seed + i."""
