@@ -258,6 +258,19 @@ def test_top_p_and_temperature_sampling():
     assert 4 not in draws and {0, 1, 2} <= set(draws)  # padding rows past the vocabulary never win
 
 
+def test_prompts_of_one_length_become_the_same_lists_of_ints():
+    from m3jax.generate.generator import _token_lists
+
+    ids = np.random.default_rng(5).integers(0, 100, (4, 7))
+    for given in (ids.tolist(), ids.astype(np.uint16), list(ids.astype(np.int32))):
+        got = _token_lists(given, 100)
+        assert got == ids.tolist() and all(type(t) is int for row in got for t in row)
+    with pytest.raises(ValueError, match="prompt 1 holds token id 100"):
+        _token_lists([[1, 2], [3, 100]], 100)
+    with pytest.raises(ValueError, match="integer token ids"):
+        _token_lists([[True, False]], 100)
+
+
 @pytest.mark.parametrize("prompts, kwargs, message", [
     ([[]], {}, "prompt 0 is empty"),
     ([[5] * 120], {"max_new_tokens": 20}, "exceeds the context of 128"),

