@@ -8,10 +8,9 @@ first, as many as fit the context), and no memory is read.
 
 The prompt is read once (`prefill`) into a preallocated KV cache; with memory, decoding runs `chunk_len`
 steps per jitted call (one `lax.scan`, cache donated), and the host retrieves between calls; without
-memory (none, RAG) it runs in one call. `generate_many`
-runs batches in threads so that one batch's host work (retrieval, bank reads) overlaps another's
-decoding. Tokens after a row's end-of-text are dropped from its output (the batch keeps its shape
-while decoding).
+memory (none, RAG) it runs in one call. `generate_many` runs batches in threads so that one batch's host
+work (retrieval, bank reads) overlaps another's decoding. Tokens after a row's end-of-text are dropped
+from its output (the batch keeps its shape while decoding).
 """
 from __future__ import annotations
 
@@ -113,7 +112,7 @@ def _rectangular_ids(prompts, vocab_size: int) -> list[list[int]] | None:
         ids = np.asarray(prompts)
     except (ValueError, TypeError):  # ragged
         return None
-    if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer) or ids.dtype == np.bool_:
+    if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):  # bools are not
         return None
     if ids.min() < 0 or ids.max() >= vocab_size:
         return None
