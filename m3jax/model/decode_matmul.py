@@ -173,13 +173,13 @@ def pallas_partials(x, w, tiling: Tiling, interpret: bool = False, prefetch=None
         x = jnp.pad(x, ((0, rows - m), (0, 0)))
     bn, bk, s = tiling.block_n, tiling.block_k, tiling.splits
     part = k // s
-    extra = [prefetch] if prefetch is not None and ranges else []
+    ranges, extra, extra_specs = l2_prefetch.operands(prefetch, ranges)
     return pl.pallas_call(
         functools.partial(_kernel, block_k=bk, steps=part // bk, signal=early_launch(interpret),
-                          ranges=ranges if extra else (), programs=(n // bn) * s),
+                          ranges=ranges, programs=(n // bn) * s),
         grid=(n // bn, s),
         in_specs=[pl.BlockSpec((rows, part), lambda j, i: (0, i)),
-                  pl.BlockSpec((part, bn), lambda j, i: (i, j))] + [pl.BlockSpec((l2_prefetch.ALIGN,), lambda j, i: (0,))] * len(extra),
+                  pl.BlockSpec((part, bn), lambda j, i: (i, j))] + extra_specs,
         out_specs=pl.BlockSpec((None, rows, bn), lambda j, i: (i, 0, j)),
         out_shape=jax.ShapeDtypeStruct((s, rows, n), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),

@@ -79,15 +79,14 @@ def pallas_add_and_norm(partials, h, weight, eps: float, out_dtype, interpret: b
     splits, _, dim = partials.shape
     m = h.shape[0]
     row = lambda i: (i, 0)  # noqa: E731
-    ranges = ranges if prefetch is not None else ()
-    extra = [prefetch] if ranges else []
+    ranges, extra, extra_specs = l2_prefetch.operands(prefetch, ranges)
     return pl.pallas_call(
         functools.partial(_kernel, parts=dm.power_of_two_parts(dim), splits=splits, eps=eps, dim=dim,
                           signal=dm.early_launch(interpret), ranges=ranges, programs=m),
         grid=(m,),
         in_specs=[pl.BlockSpec((splits, None, dim), lambda i: (0, i, 0)),
                   pl.BlockSpec((None, dim), row),
-                  pl.BlockSpec((dim,), lambda i: (0,))] + [pl.BlockSpec((l2_prefetch.ALIGN,), lambda i: (0,))] * len(extra),
+                  pl.BlockSpec((dim,), lambda i: (0,))] + extra_specs,
         out_specs=[pl.BlockSpec((None, dim), row), pl.BlockSpec((None, dim), row)],
         out_shape=[jax.ShapeDtypeStruct((m, dim), h.dtype), jax.ShapeDtypeStruct((m, dim), out_dtype)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),

@@ -52,6 +52,16 @@ def plan(next_weight, m: int, x_dtype, site: str, interpret: bool):
     return (next_weight.reshape(-1), ranges) if ranges else (None, ())
 
 
+def operands(prefetch, ranges):
+    """(ranges, extra args, their BlockSpecs) for a kernel wrapper, whatever its grid: the 1-D array as a (16,)
+    block at its start when there is something to ask for; nothing (and no ranges) else."""
+    from jax.experimental import pallas as pl
+
+    if prefetch is None or not ranges:
+        return (), [], []
+    return ranges, [prefetch], [pl.BlockSpec((ALIGN,), lambda *program: (0,))]
+
+
 def share(ranges, programs: int) -> int:
     """Bytes each of `programs` programs asks for in every range: an equal, 16-byte-aligned share (the
     ranges' tails past programs x share are left out). 0 when there is nothing to share."""
