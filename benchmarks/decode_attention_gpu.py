@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -67,14 +66,8 @@ def us_per_layer(attend, length, memory, layers, reps=10) -> float:
     for _ in range(2):
         caches, q = run(caches, q)
     jax.block_until_ready(q)
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir):
-            for _ in range(reps):
-                caches, q = run(caches, q)
-            jax.block_until_ready(q)
-        kernels, _ = gpu_trace.kernel_events(trace_dir)
-    kernels = [e for e in kernels if not e["name"].startswith("memcpy")]
-    return sum(e["dur"] for e in kernels) / reps / layers  # trace durations are in microseconds
+    us, _ = gpu_trace.kernel_us(lambda state: run(*state), (caches, q), reps)
+    return us / layers
 
 
 def errors(length: int, memory: bool, tiling) -> dict:

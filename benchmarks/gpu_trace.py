@@ -27,6 +27,22 @@ def kernel_events(trace_dir: str) -> tuple[list[dict], list[str]]:
     return kernels, sorted(names[p] for p in gpu_pids)
 
 
+def kernel_us(step, state, reps: int = 10, keep=lambda name: not name.startswith("memcpy")):
+    """Run `state = step(state)` `reps` times under the profiler: (GPU kernel microseconds per run, counting the
+    kernels whose name `keep` accepts (default: all but memory copies), and the last state)."""
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(reps):
+                state = step(state)
+            jax.block_until_ready(state)
+        kernels, _ = kernel_events(trace_dir)
+    return sum(e["dur"] for e in kernels if keep(e["name"])) / reps, state  # trace durations are in us
+
+
 def busy(kernels: list[dict], steps: int) -> dict:
     """Kernel time, the union of kernel intervals over the traced span, and the top kernels per step."""
     if not kernels:  # e.g. traced on a machine without a GPU

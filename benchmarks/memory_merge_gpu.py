@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -50,14 +49,8 @@ def us_per_layer(args, warps: int, stages: int, reps: int = 10):
     run = jax.jit(lambda streams: [merge(*layer) for layer in streams], donate_argnums=0)
     streams = run(streams)
     jax.block_until_ready(streams)
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir):
-            for _ in range(reps):
-                streams = run(streams)
-            jax.block_until_ready(streams)
-        kernels, _ = gpu_trace.kernel_events(trace_dir)
-    merges = [e for e in kernels if "memory_merge" in e["name"]]
-    return sum(e["dur"] for e in merges) / reps / len(streams), first
+    us, streams = gpu_trace.kernel_us(run, streams, reps, keep=lambda name: "memory_merge" in name)
+    return us / len(streams), first
 
 
 def main() -> None:

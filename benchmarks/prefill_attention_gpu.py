@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -42,14 +41,8 @@ def us_per_call(length: int, layers: int, pad_to: int | None = None, reps: int =
 
     run = jax.jit(run)
     jax.block_until_ready(run(qs, kvs))
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir):
-            for _ in range(reps):
-                out = run(qs, kvs)
-            jax.block_until_ready(out)
-        kernels, _ = gpu_trace.kernel_events(trace_dir)
-    kernels = [e for e in kernels if not e["name"].startswith("memcpy")]
-    return sum(e["dur"] for e in kernels) / reps / layers
+    us, _ = gpu_trace.kernel_us(lambda _: run(qs, kvs), None, reps)
+    return us / layers
 
 
 def main() -> None:
