@@ -1,7 +1,7 @@
 """Decoding throughput with memory, without memory, and RAG, under the paper's protocol (Table 21).
 
     python benchmarks/decode_gpu.py [--config m3_2p4b] [--batch 32] [--refs 4096] [--json out.json]
-                                    [--profile_dir DIR]
+                                    [--sink_in_stream] [--profile_dir DIR]
 
 Batch 32, 128 prompt tokens, 128 new tokens, random weights of the config's shape (bf16 parameters
 and compute), greedy. With memory: 3 retrievals per sequence (the prompt's 2 chunks, then once after
@@ -12,6 +12,7 @@ bank reads, prefill and decoding), the median of --reps runs after a warmup run 
 
 With --profile_dir, one `generate` per mode (and one with a single new token: the prefill) is traced
 afterwards: the GPU kernels' time per kind, to see where a mode's device time goes (what memory adds).
+With --sink_in_stream, every prefill computes the sink again (`Generator(sink_apart=False)`).
 
 Stream: `generate_many` over --stream_batches batches of --batch prompts, --in_flight at a time, so one
 batch's host work (BM25, bank reads) overlaps another's decoding; tokens/s = all new tokens / wall time.
@@ -92,7 +93,9 @@ def run(args) -> dict:
         reader = CachedBankReader(MemoryBank.open(path), capacity=0)  # cache off: every read goes to the bank
         source = MemorySource(cfg, BM25Retriever.build([words(r) for r in ref_tokens], stopwords=None), reader,
                               ref_tokens, ref_lengths, words)
-        generator = Generator(model, source, eos_id=-1)  # random weights: never stop early
+        # random weights: never stop early
+        generator = Generator(model, source, eos_id=-1, sink_apart=not args.sink_in_stream)
+        result["sink_apart"] = generator.sink_apart
         for mode in ("none", "memory", "rag"):
             generator.generate(prompts, args.new_tokens, mode=mode)  # compile
             times, parts = [], []
@@ -142,6 +145,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--stream_batches", type=int, default=6)
     parser.add_argument("--in_flight", type=int, default=2)
+    parser.add_argument("--sink_in_stream", action="store_true", help="compute the sink with every prompt")
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile_dir", default=None, help="trace one generate per mode and report its kernels")
     args = parser.parse_args()

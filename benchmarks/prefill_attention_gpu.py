@@ -8,6 +8,8 @@ One jitted call runs `--layers` attention calls, each with its own q, k, v (as a
 in the causal mode with per-row key lengths that `attention.attend` uses. Microseconds per call are GPU
 kernel time from a profiler trace (the attention kernel and whatever XLA adds around it). "padded_to_N":
 the 132-position stream padded with masked positions to N before the call and cut back after.
+"sink_apart": 128 prompt positions in the fused kernel (with its log-sum-exp) and the 4 sink keys merged
+by log-sum-exp (`split_attention.causal_after_sink`), what a 132-position stream becomes with the sink apart.
 """
 from __future__ import annotations
 
@@ -18,17 +20,21 @@ import jax
 import jax.numpy as jnp
 
 import gpu_trace  # benchmarks/, beside this script
+from m3jax.model.split_attention import causal_after_sink
 
 B, HQ, HKV, D = 32, 40, 8, 80
 
 
-def us_per_call(length: int, layers: int, pad_to: int | None = None, reps: int = 10) -> float:
+def us_per_call(length: int, layers: int, pad_to: int | None = None, reps: int = 10, sink: int = 0) -> float:
     ks = jax.random.split(jax.random.key(length), 3)
     qs = jax.random.normal(ks[0], (layers, B, length, HQ, D), jnp.bfloat16)
     kvs = jax.random.normal(ks[1], (layers, 2, B, length, HKV, D), jnp.bfloat16)
     lengths = jnp.full((B,), length, jnp.int32)
+    sink_kv = jax.random.normal(ks[2], (2, sink, HKV, D), jnp.bfloat16)
 
     def attend(q, k, v):
+        if sink:
+            return causal_after_sink(q, k, v, lengths, sink_kv[0], sink_kv[1], "cudnn")[0]
         if pad_to:
             pad = [(0, 0), (0, pad_to - length), (0, 0), (0, 0)]
             q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
@@ -50,6 +56,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="128,132,136,144,192,256")
     parser.add_argument("--pad", default="136,144,192,256", help="pad the 132-position stream to these lengths")
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--sink_apart", type=int, default=4, help="sink keys merged apart from 128 positions (0: skip)")
     args = parser.parse_args()
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     for length in map(int, args.lengths.split(",")):
@@ -57,6 +64,9 @@ def main() -> None:
     for pad_to in map(int, filter(None, args.pad.split(","))):
         us = us_per_call(132, args.layers, pad_to)
         print(json.dumps({"length": 132, "padded_to": pad_to, "us_per_call": round(us, 2)}), flush=True)
+    if args.sink_apart:
+        us = us_per_call(128, args.layers, sink=args.sink_apart)
+        print(json.dumps({"length": 128, "sink_apart": args.sink_apart, "us_per_call": round(us, 2)}), flush=True)
 
 
 if __name__ == "__main__":

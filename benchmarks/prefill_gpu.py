@@ -2,13 +2,15 @@
 tokens, no memory) and, with --profile_dir, the GPU kernels that take its time.
 
     python benchmarks/prefill_gpu.py [--config m3_2p4b] [--batch 32] [--prompt 128] [--attention auto]
-                                     [--memory] [--profile_dir DIR]
+                                     [--memory] [--sink_in_stream] [--profile_dir DIR]
 
 Times `Generator.generate(prompts, 1, mode="none")`: the prompt read into the KV cache and the first new
 token (its "prefill" seconds, no decoding loop); median of 10 calls after a compiling one.
 --memory: also the generator's jitted prefill alone, without and with random memories already on the
 device (each chunk reads refs_per_chunk x tokens_per_head of them at every memory layer): what memory
 adds to the device's prefill, with no retrieval or bank read.
+--sink_in_stream: every prefill computes the sink again (`Generator(sink_apart=False)`), as before the
+sink's keys and values were computed once.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ def memory_prefill_ms(cfg, gen, prompts) -> dict:
     positions = cache_len(cfg, t, 128)  # as generate(prompts, 128) allocates it
 
     def prefill(memory, slots):
-        return gen._prefill(gen._weights, tokens, lengths, memory, cache_len=positions, memory_slots=slots)
+        return gen._prefill(gen._weights, tokens, lengths, memory, gen._sink_keys_values(), cache_len=positions,
+                            memory_slots=slots)
     return {"jitted_prefill_ms_no_memory": round(median_seconds(prefill, None, 0) * 1e3, 2),
             "jitted_prefill_ms_memory": round(median_seconds(
                 prefill, memory, mem.refs_per_chunk * mem.tokens_per_head) * 1e3, 2)}
@@ -55,16 +58,18 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--attention", default="auto", help="model.attention: the prompt's attention kernel")
     parser.add_argument("--memory", action="store_true", help="also time the jitted prefill with random memories")
+    parser.add_argument("--sink_in_stream", action="store_true", help="compute the sink with every prompt")
     parser.add_argument("--profile_dir", default=None)
     args = parser.parse_args()
     cfg = config_lib.load(args.config, {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
                                         "model.attention": args.attention})
-    gen = Generator(load_model(cfg, "random:0"), eos_id=-1)
+    gen = Generator(load_model(cfg, "random:0"), eos_id=-1, sink_apart=not args.sink_in_stream)
     prompts = np.random.default_rng(0).integers(5, 500, (args.batch, args.prompt)).tolist()
     gen.generate(prompts, 1, mode="none")  # compiles
     seconds = float(np.median([gen.generate(prompts, 1, mode="none").seconds["prefill"] for _ in range(10)]))
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch": args.batch,
-           "prompt": args.prompt, "attention": args.attention, "prefill_ms": round(seconds * 1e3, 2)}
+           "prompt": args.prompt, "attention": args.attention, "sink_apart": gen.sink_apart,
+           "prefill_ms": round(seconds * 1e3, 2)}
     if args.memory:
         out.update(memory_prefill_ms(cfg, gen, prompts))
     if args.profile_dir:

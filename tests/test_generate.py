@@ -97,19 +97,30 @@ def reference_generate(cfg, model, prompt, max_new, bank):
     return out
 
 
-# per-layer weights and caches (with the XLA or the Pallas cache attention), or a scan over stacked ones
-@pytest.mark.parametrize("unroll,attention", [(True, "xla"), (True, "pallas"), (False, "xla")])
-def test_cached_generation_with_memory_equals_full_recomputation(setup, unroll, attention):
+def same_weights(model, **model_overrides):
+    """A model with `model`'s weights and other `model.*` settings (kernels)."""
+    overrides = {"model.dtype": "float32", "memory.refs_per_chunk": 2}
+    overrides.update({f"model.{k}": v for k, v in model_overrides.items()})
+    other = Memory3(config_lib.load("tiny", overrides), rngs=nnx.Rngs(1))
+    nnx.update(other, nnx.state(model))
+    return other
+
+
+# per-layer weights and caches (with the XLA or the Pallas cache attention), or a scan over stacked ones;
+# the split prompt attention reads prompts with the sink apart (its keys and values computed once)
+@pytest.mark.parametrize("unroll,attention,prompt_attention", [
+    (True, "xla", "auto"), (True, "pallas", "auto"), (False, "xla", "auto"), (True, "xla", "xla_split")])
+def test_cached_generation_with_memory_equals_full_recomputation(setup, unroll, attention, prompt_attention):
     cfg, model, source, _retriever, (_, _, bank) = setup
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(5, cfg.model.vocab_size, n)) for n in (20, 33, 7)]
     max_new = 3 * cfg.memory.chunk_len + 5  # three memory swaps
     decoder = model
-    if attention != "xla":  # the same weights, another decode attention
-        decoder = Memory3(config_lib.load("tiny", {"model.dtype": "float32", "memory.refs_per_chunk": 2,
-                                                   "model.decode_attention": attention}), rngs=nnx.Rngs(1))
-        nnx.update(decoder, nnx.state(model))
-    result = Generator(decoder, source, eos_id=-1, unroll_layers=unroll).generate(prompts, max_new, mode="memory")
+    if (attention, prompt_attention) != ("xla", "auto"):  # the same weights, other kernels
+        decoder = same_weights(model, decode_attention=attention, attention=prompt_attention)
+    generator = Generator(decoder, source, eos_id=-1, unroll_layers=unroll)
+    assert generator.sink_apart == (prompt_attention == "xla_split")
+    result = generator.generate(prompts, max_new, mode="memory")
     for prompt, got in zip(prompts, result.tokens):
         assert got == reference_generate(cfg, model, list(map(int, prompt)), max_new, bank)
 
@@ -212,14 +223,17 @@ def test_fused_decode_weights_are_the_layer_kernels():
         np.testing.assert_array_equal(state["self_attn"]["o_proj"]["kernel"][...], attn["o_proj"]["kernel"][...][i])
 
 
-def test_no_memory_mode_equals_plain_recomputation(setup):
+@pytest.mark.parametrize("sink_apart", [False, True])
+def test_no_memory_mode_equals_plain_recomputation(setup, sink_apart):
     cfg, model, _, _, _ = setup
-    prompt = list(np.random.default_rng(3).integers(5, cfg.model.vocab_size, 11))
-    got = Generator(model, eos_id=-1).generate([prompt], 20, mode="none").tokens[0]
-    text = list(map(int, prompt))
-    for _ in range(20):
-        text.append(int(np.argmax(np.asarray(model(np.array([text])))[0, -1, :cfg.model.vocab_size])))
-    assert got == text[len(prompt):]
+    prompts = [list(np.random.default_rng(3).integers(5, cfg.model.vocab_size, n)) for n in (11, 70)]
+    generator = Generator(same_weights(model, attention="xla_split") if sink_apart else model, eos_id=-1)
+    assert generator.sink_apart == sink_apart
+    for prompt, got in zip(prompts, generator.generate(prompts, 20, mode="none").tokens):
+        text = list(map(int, prompt))
+        for _ in range(20):
+            text.append(int(np.argmax(np.asarray(model(np.array([text])))[0, -1, :cfg.model.vocab_size])))
+        assert got == text[len(prompt):]
 
 
 def test_rag_prompt_holds_the_retrieved_references(setup):

@@ -15,18 +15,19 @@ from m3jax.model.split_attention import _causal_with_lse, _Chunked, _memory_part
 SINK = 3
 
 
-def case(seed, chunks=3, chunk_len=16, per_chunk=5, window=1, hq=4, hkv=2, d=80, dtype=np.float32, short=0):
-    """short: the last chunk has that many rows fewer (the kernel's last block runs past the rows)."""
+def case(seed, chunks=3, chunk_len=16, per_chunk=5, window=1, hq=4, hkv=2, d=80, dtype=np.float32, short=0, sink=SINK):
+    """short: the last chunk has that many rows fewer (the kernel's last block runs past the rows); sink: 0
+    for a stream whose sink is merged apart (generation's prefill)."""
     rng = np.random.default_rng(seed)
     b, t = 2, chunks * chunk_len - short
-    q = rng.normal(size=(b, SINK + t, hq, d)).astype(dtype)
-    k, v = (rng.normal(size=(b, SINK + t, hkv, d)).astype(dtype) for _ in range(2))
+    q = rng.normal(size=(b, sink + t, hq, d)).astype(dtype)
+    k, v = (rng.normal(size=(b, sink + t, hkv, d)).astype(dtype) for _ in range(2))
     mem_k, mem_v = (rng.normal(size=(b, chunks, per_chunk, hkv, d)).astype(dtype) for _ in range(2))
     mem_valid = rng.random((b, chunks, per_chunk)) < 0.7
     mem_valid[0, 1] = False  # a chunk that reads no memory: its rows are the stream part's
     padding = np.ones((b, t), bool)
     padding[1, t - chunk_len // 2:] = False
-    mask = context_mask(jnp.asarray(padding), SINK, chunk_len,
+    mask = context_mask(jnp.asarray(padding), sink, chunk_len,
                         (np.repeat(np.arange(chunks), per_chunk), jnp.asarray(mem_valid).reshape(b, -1), window))
     return q, k, v, mem_k, mem_v, mem_valid, padding, mask
 
@@ -40,18 +41,19 @@ def merged(q, k, v, mem_k, mem_v, mask, kernel: bool):
                     jnp.asarray(mem_v).reshape(b, c * m, hkv, d), mask.memory_valid)
     if kernel:
         return memory_merge.merge_memory(jnp.asarray(q), out_s, lse_s, view.keys, view.values, view.valid,
-                                         sink=SINK, chunk_len=mask.layout.chunk_len, interpret=True)
+                                         sink=mask.layout.sink_len, chunk_len=mask.layout.chunk_len, interpret=True)
     with jax.default_matmul_precision("highest"):
         return merge_parts(out_s, lse_s, *_memory_part(jnp.asarray(q), view), q.dtype)
 
 
-@pytest.mark.parametrize("window,hq,hkv,short", [(1, 4, 2, 0), (2, 4, 2, 0), (1, 5, 1, 0), (1, 4, 2, 11)])
-def test_kernel_matches_naive_float64(window, hq, hkv, short):
+@pytest.mark.parametrize("window,hq,hkv,short,sink", [(1, 4, 2, 0, SINK), (2, 4, 2, 0, SINK), (1, 5, 1, 0, SINK),
+                                                     (1, 4, 2, 11, SINK), (1, 4, 2, 11, 0)])
+def test_kernel_matches_naive_float64(window, hq, hkv, short, sink):
     q, k, v, mem_k, mem_v, mem_valid, padding, mask = case(window * 10 + hq + short, window=window, hq=hq, hkv=hkv,
-                                                           short=short)
+                                                           short=short, sink=sink)
     out, lse = merged(q, k, v, mem_k, mem_v, mask, kernel=True)
-    key_valid = np.concatenate([np.ones((2, SINK), bool), padding], 1)
-    want = naive.attention(q, k, v, key_valid, SINK, 16, mem_k, mem_v, mem_valid, window)
+    key_valid = np.concatenate([np.ones((2, sink), bool), padding], 1)
+    want = naive.attention(q, k, v, key_valid, sink, 16, mem_k, mem_v, mem_valid, window)
     real = key_valid  # rows past a row's padding are never read
     np.testing.assert_allclose(np.asarray(out)[real], want[real], rtol=1e-5, atol=1e-5)
     _, want_lse = merged(q, k, v, mem_k, mem_v, mask, kernel=False)

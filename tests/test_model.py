@@ -303,3 +303,43 @@ def test_prefill_over_per_layer_weights_equals_the_stacked_prefill(with_memory):
             np.testing.assert_allclose(np.asarray(v), np.asarray(want_v[i]), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="cache_len=10 is shorter than the prompt's stream"):
         model.prefill(tokens, cache_len=10, layer_states=layer_states)
+
+
+@pytest.mark.parametrize("with_memory", [False, True])
+def test_prefill_with_the_sink_apart_equals_the_prefill_through_it(with_memory):
+    """`prefill(sink_kv=...)` reads the prompt without the sink and merges the sink's keys, computed once, into
+    each attention: the same logits and caches as the exact kernel over the whole stream, memory included."""
+    overrides = {"model.dtype": "float32", "memory.layer_start": 1}
+    exact = Memory3(tiny(**overrides, **{"model.attention": "exact"}), rngs=nnx.Rngs(0))
+    model = Memory3(tiny(**overrides, **{"model.attention": "xla_split"}), rngs=nnx.Rngs(1))
+    nnx.update(model, nnx.state(exact))
+    cfg, s = model.cfg, len(model.cfg.memory.reference_prefix_ids) + 1
+    rng = np.random.default_rng(5)
+    lengths = np.array([20, 9, 1])
+    tokens = jnp.asarray(rng.integers(5, cfg.model.vocab_size, (3, 20)), jnp.int32)
+    mask = jnp.arange(20)[None, :] < jnp.asarray(lengths)[:, None]
+    memory = None
+    if with_memory:
+        kv, valid = random_memory(cfg, rng, 3, 2, 3, 4)
+        memory = MemoryInputs(jnp.asarray(kv), jnp.asarray(valid))
+    layer_states = [seg.layer_states() for seg in model.layers]
+    sink = model.sink_kv(layer_states)
+    assert [len(seg_sink) for seg_sink in sink] == [seg.num_layers for seg in model.layers]
+    assert sink[0][0][0].shape == (s, cfg.model.num_kv_heads, cfg.model.head_dim)
+    kw = dict(cache_len=48, memory=memory, padding_mask=mask, memory_slots=12, logits_at=jnp.asarray(lengths - 1))
+    want_logits, want_cache = exact.prefill(tokens, **kw)
+    logits, cache = model.prefill(tokens, layer_states=layer_states, sink_kv=sink, **kw)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), rtol=1e-5, atol=1e-5)
+    for seg, seg_kv, want_kv in zip(model.layers, cache, want_cache):
+        for i, layer_kv in enumerate(seg_kv):
+            for got, want in zip(layer_kv, want_kv):
+                assert got.shape == want.shape[1:] == (3, 48 + 12 * seg.is_memory, cfg.model.num_kv_heads,
+                                                       cfg.model.head_dim)
+                for row, n in enumerate(lengths):  # the sink and the real tokens; the rest is free room
+                    np.testing.assert_allclose(np.asarray(got[row, :s + n]), np.asarray(want[i, row, :s + n]),
+                                               rtol=1e-5, atol=1e-5)
+                assert not np.asarray(got[:, s + 24:]).any()  # after the 20 tokens padded to 24: empty room
+    with pytest.raises(ValueError, match="pass layer_states too"):
+        model.prefill(tokens, cache_len=48, sink_kv=sink)
+    with pytest.raises(ValueError, match="attention with the sink apart needs one of"):
+        exact.prefill(tokens, cache_len=48, layer_states=[seg.layer_states() for seg in exact.layers], sink_kv=sink)

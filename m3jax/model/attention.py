@@ -56,6 +56,24 @@ def exact_attention(q, k, v, mask):
     return out.reshape(b, tq, hq, d).astype(q.dtype)
 
 
+SINK_APART = ("xla_split", "cudnn_split")  # the kernels that can take the sink's keys apart (`attend_after_sink`)
+
+
+def attend_after_sink(q, k, v, mask: AttentionMask, sink_kv, impl: str):
+    """`attend` for a stream without the sink, whose keys and values sink_kv ((S, Hkv, D) each, the same
+    for every row) every query also sees: merged by log-sum-exp (split_attention.causal_after_sink).
+    For inference (no gradient); only the split kernels take it."""
+    from m3jax.model.split_attention import causal_after_sink, memory_attention_after_sink
+    if impl not in SINK_APART:
+        raise ValueError(f"attention with the sink apart needs one of {SINK_APART}, not {impl!r}")
+    impl = impl.removesuffix("_split")
+    if mask.memory_valid is not None:
+        if mask.layout is None:
+            raise ValueError("attention with the sink apart needs memory with a static layout (no token groups)")
+        return memory_attention_after_sink(q, k, v, mask, *sink_kv, impl)
+    return causal_after_sink(q, k, v, mask.kv_lengths, *sink_kv, impl)[0]
+
+
 def attend(q, k, v, mask: AttentionMask, impl: str):
     """q: (B, Tq, Hq, D); k, v: (B, Tk, Hkv, D) -> (B, Tq, Hq, D)."""
     tq, tk = q.shape[1], k.shape[1]
@@ -96,8 +114,10 @@ class Attention(nnx.Module):
         self.decode_matmul = dm.resolve_impl(m.decode_matmul)
         self.decode_attention = da.resolve_impl(m.decode_attention)
 
-    def __call__(self, x, cos, sin, mask, memory_kv=None, collect=False, qkv_kernel=None):
+    def __call__(self, x, cos, sin, mask, memory_kv=None, collect=False, qkv_kernel=None, sink_kv=None):
         """x: (B, T, dim); mask: AttentionMask over (Nm +) T keys; memory_kv: (k, v) each (B, Nm, Hkv, D) or None.
+        sink_kv: None, or the sink's (k, v) each (S, Hkv, D) when x is a stream without it (prefill: the
+        sink is the same for every context, `Memory3.sink_kv`); see `attend_after_sink`.
 
         With `collect`, also returns (q, k) before RoPE and (k, v) after it, for memory writing.
         qkv_kernel: None, or the three projections' kernels concatenated, (dim, Hq + 2 Hkv, D) (prefill over
@@ -122,7 +142,10 @@ class Attention(nnx.Module):
         if mask.dense is not None and keys.shape[1] != mask.dense.shape[-1]:
             raise ValueError(f"attention mask covers {mask.dense.shape[-1]} keys, but there are {keys.shape[1]}")
         with jax.named_scope("attention_kernel"):
-            out = attend(q_rot, keys, values, mask, self.impl)
+            if sink_kv is None:
+                out = attend(q_rot, keys, values, mask, self.impl)
+            else:
+                out = attend_after_sink(q_rot, keys, values, mask, sink_kv, self.impl)
         out = checkpoint_name(self.o_proj(out), "attn_proj")
         return out, ((q, k, k_rot, v) if collect else None)
 

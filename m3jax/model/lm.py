@@ -65,6 +65,17 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _checked_padding(padding_mask, b: int, t: int):
+    """(B, T) bool, True for real tokens (all of them when None); a clear error unless right padding."""
+    if padding_mask is None:
+        return jnp.ones((b, t), bool)
+    if padding_mask.shape != (b, t):
+        raise ValueError(f"padding_mask has shape {padding_mask.shape}, expected {(b, t)} like tokens")
+    if _is_concrete(padding_mask) and np.any(np.diff(np.asarray(padding_mask, np.int8), axis=1) > 0):
+        raise ValueError("padding_mask must be right padding: no real token after a padding position")
+    return padding_mask
+
+
 class Memory3(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         validate(cfg)
@@ -103,7 +114,7 @@ class Memory3(nnx.Module):
         return self._forward(self._check_tokens(tokens, "tokens"), memory, padding_mask, collect_kv=False)[0]
 
     def prefill(self, tokens, *, cache_len: int, memory: MemoryInputs | None = None, padding_mask=None,
-                memory_slots: int = 0, logits_at=None, layer_states=None):
+                memory_slots: int = 0, logits_at=None, layer_states=None, sink_kv=None):
         """Read a prompt and keep its keys and values for decoding.
 
         logits_at: None, or (B,) one position per row: only its logits are computed (decoding needs the
@@ -115,14 +126,19 @@ class Memory3(nnx.Module):
         per-layer (k, v), each (B, cache_len, Hkv, D)) over the stream `[sink | tokens]` (stream index =
         sink_len + t); the memory layers' caches have `memory_slots` more positions at the end, for the
         memories that decoding reads (`load_memory`).
+        sink_kv: None, or `sink_kv(layer_states)` (with layer_states): the sink's keys and values are not
+        computed again, the layers read the prompt alone and merge the sink's into each attention (faster:
+        see `attention.attend_after_sink`, which says which kernels can); the same results up to rounding.
         """
         tokens = self._check_tokens(tokens, "tokens")
-        stream = self._stream_len(tokens.shape[1])
+        stream = self._stream_len(tokens.shape[1], sink_apart=sink_kv is not None)
         if cache_len < stream:
             raise ValueError(f"cache_len={cache_len} is shorter than the prompt's stream ({stream} positions)")
+        if sink_kv is not None and layer_states is None:
+            raise ValueError("prefill with sink_kv runs over per-layer weights: pass layer_states too")
         room = {False: cache_len - stream, True: cache_len - stream + memory_slots}  # by segment.is_memory
         logits, kv = self._forward(tokens, memory, padding_mask, collect_kv=True, logits_at=logits_at,
-                                   layer_states=layer_states, room=room)
+                                   layer_states=layer_states, room=room, sink_kv=sink_kv)
         if layer_states is not None:
             return logits, kv
         cache = []
@@ -183,25 +199,36 @@ class Memory3(nnx.Module):
             return self._logits(h)[:, 0], new_cache
         return decode_matmul(h[:, 0], head, self.decode_matmul, out_dtype=jnp.float32), new_cache
 
-    def _stream_len(self, t: int) -> int:
-        """Positions of the stream `[sink | t tokens]`, padded to a multiple of STREAM_MULTIPLE."""
+    def _stream_len(self, t: int, sink_apart: bool = False) -> int:
+        """Positions of the stream `[sink | t tokens]`, padded to a multiple of STREAM_MULTIPLE (with the
+        sink apart, the tokens alone are padded: the layers read them without the sink)."""
         s = sink_len(self.cfg)
+        if sink_apart:
+            return s + t + (-t) % STREAM_MULTIPLE
         return s + t + (-(s + t)) % STREAM_MULTIPLE
 
+    def sink_kv(self, layer_states):
+        """The sink's keys (after RoPE) and values at every layer: per segment, a list of per-layer (k, v)
+        each (S, Hkv, D). The sink reads no memory, so for given weights they are the same for every
+        context; `prefill(sink_kv=...)` takes them instead of computing them for every prompt. They come
+        from the ordinary prefill of an empty context."""
+        s = sink_len(self.cfg)
+        _, kv = self._forward(jnp.zeros((1, 0), jnp.int32), None, None, collect_kv=True,
+                              layer_states=layer_states, room={False: 0, True: 0})
+        return [[(k[0, :s], v[0, :s]) for k, v in seg_kv] for seg_kv in kv]
+
     def _forward(self, tokens, memory, padding_mask, collect_kv: bool, logits_at=None, layer_states=None,
-                 room=None):
+                 room=None, sink_kv=None):
         """tokens: checked by the caller (`_check_tokens`, once: on concrete ids it is a pass over them).
-        layer_states, room: as `prefill` (per-layer weights; cache positions after the stream by is_memory)."""
+        layer_states, room, sink_kv: as `prefill` (per-layer weights; cache positions after the stream by
+        is_memory; the sink's keys and values, so that the stream leaves the sink out)."""
         b, t = tokens.shape
         if logits_at is not None and jnp.shape(logits_at) != (b,):
             raise ValueError(f"logits_at has shape {jnp.shape(logits_at)}, expected ({b},): one position per row")
         s = sink_len(self.cfg)
-        if padding_mask is None:
-            padding_mask = jnp.ones((b, t), bool)
-        elif padding_mask.shape != (b, t):
-            raise ValueError(f"padding_mask has shape {padding_mask.shape}, expected {(b, t)} like tokens")
-        elif _is_concrete(padding_mask) and np.any(np.diff(np.asarray(padding_mask, np.int8), axis=1) > 0):
-            raise ValueError("padding_mask must be right padding: no real token after a padding position")
+        if sink_kv is not None:
+            return self._forward_after_sink(tokens, memory, padding_mask, logits_at, layer_states, room, sink_kv)
+        padding_mask = _checked_padding(padding_mask, b, t)
         extra = self._stream_len(t) - s - t
         stream = jnp.concatenate([jnp.broadcast_to(self.sink_ids(), (b, s)), tokens,
                                   jnp.full((b, extra), self.cfg.model.pad_id, jnp.int32)], axis=1)
@@ -229,6 +256,35 @@ class Memory3(nnx.Module):
             last = jnp.take_along_axis(h, (s + jnp.asarray(logits_at, jnp.int32))[:, None, None], axis=1)
             return self._logits(self.norm(last))[:, 0], kv
         return self._logits(self.norm(h[:, s:s + t])), kv
+
+    def _forward_after_sink(self, tokens, memory, padding_mask, logits_at, layer_states, room, sink_kv):
+        """`_forward` of a prefill whose stream leaves the sink out: the tokens (padded to a multiple of
+        STREAM_MULTIPLE) at stream indices S.., each layer merging the sink's given keys and values."""
+        b, t = tokens.shape
+        s, chunk = sink_len(self.cfg), self.cfg.memory.chunk_len
+        padding_mask = _checked_padding(padding_mask, b, t)
+        extra = self._stream_len(t, sink_apart=True) - s - t
+        tokens = jnp.concatenate([tokens, jnp.full((b, extra), self.cfg.model.pad_id, jnp.int32)], axis=1)
+        padding_mask = jnp.concatenate([padding_mask.astype(bool), jnp.zeros((b, extra), bool)], axis=1)
+        cos, sin = rope_angles(self.position_of(s + jnp.arange(t + extra)), self.cfg.model.head_dim,
+                               self.cfg.model.rope_theta)
+        mask = context_mask(padding_mask, 0, chunk)
+        if memory is not None:
+            if memory.token_group is not None:
+                raise ValueError("prefill with sink_kv takes memories by chunk, not by token_group")
+            mem_k, mem_v, mem_chunk, mem_valid = self._memory_layout(memory, b, t)
+            mem_mask = context_mask(padding_mask, 0, chunk, (mem_chunk, mem_valid, memory.window))
+        h = self._embed(tokens)
+        kv = []
+        for i, seg in enumerate(self.layers):
+            seg_memory = (mem_k, mem_v) if seg.is_memory and memory is not None else None
+            h, seg_kv = seg.prefill_fused(h, cos, sin, mask if seg_memory is None else mem_mask, seg_memory,
+                                          layer_states[i], room[seg.is_memory], sink_kv[i])
+            kv.append(seg_kv)
+        if logits_at is not None:
+            last = jnp.take_along_axis(h, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
+            return self._logits(self.norm(last))[:, 0], kv
+        return self._logits(self.norm(h[:, :t])), kv
 
     def _memory_layout(self, memory: MemoryInputs, b: int, t: int):
         """MemoryInputs -> per-layer keys/values (layers, B, Nm, Hkv, D), slot chunk ids, slot validity."""

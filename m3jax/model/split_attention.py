@@ -195,6 +195,55 @@ def merge_parts(out_s, lse_s, out_m, lse_m, dtype):
     return (w_s * out_s.astype(jnp.float32) + w_m * out_m).astype(dtype), lse
 
 
+def _sink_part(q, sink_k, sink_v):
+    """Exact attention of every query over the S sink keys: (out (B, T, Hq, D) f32, lse (B, T, Hq)).
+    sink_k, sink_v: (S, Hkv, D), the same for every row (the sink is a constant)."""
+    b, t, hq, d = q.shape
+    s, hkv, _ = sink_k.shape
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    scores = jnp.einsum("bthgd,shd->bthgs", qg, sink_k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    probs = jnp.exp(scores - lse[..., None])
+    out = jnp.einsum("bthgs,shd->bthgd", probs, sink_v.astype(jnp.float32))
+    return out.reshape(b, t, hq, d), lse.reshape(b, t, hq)
+
+
+def causal_after_sink(q, k, v, kv_lengths, sink_k, sink_v, impl: str):
+    """Prompt attention with the sink's keys apart (inference: no gradient): q, k, v (B, T, H, D) of the
+    tokens after the sink, causal over the first kv_lengths of them, and every query also sees the S sink
+    keys (S, Hkv, D), in one softmax. Returns (out (B, T, Hq, D) in q's dtype, lse (B, T, Hq) f32).
+
+    Why: the fused kernel works in tiles of 128 positions; a 128-token prompt behind a 4-token sink is a
+    136-position stream (padded to a multiple of 8) and costs what 256 do (benchmarks/RESULTS.md), so the
+    sink is merged by log-sum-exp instead (and the layers' products skip its rows)."""
+    out_c, lse_c = _causal_with_lse(q, k, v, kv_lengths, impl)
+    return merge_parts(out_c, lse_c, *_sink_part(q, sink_k, sink_v), q.dtype)
+
+
+def memory_attention_after_sink(q, k, v, mask: AttentionMask, sink_k, sink_v, impl: str):
+    """`causal_after_sink` at a memory layer: k, v (B, Nm + T, Hkv, D) with the memory keys first, as
+    `split_memory_attention` takes them, and a mask whose static layout has no sink (sink_len 0)."""
+    layout, t = mask.layout, q.shape[1]
+    nm = len(layout.slot_chunks)
+    if layout.sink_len != 0 or k.shape[1] != nm + t:
+        raise ValueError(f"attention after the sink needs a layout without sink and {nm} memory keys then {t} "
+                         f"stream keys, got sink_len {layout.sink_len} and {k.shape[1]} keys")
+    out_c, lse_c = _causal_with_lse(q, k[:, nm:], v[:, nm:], mask.kv_lengths, impl)
+    out_s, lse_s = merge_parts(out_c, lse_c, *_sink_part(q, sink_k, sink_v), jnp.float32)
+    return _with_memory(q, out_s, lse_s, k[:, :nm], v[:, :nm], mask.memory_valid, layout, impl)[0]
+
+
+def _with_memory(q, out_s, lse_s, mem_k, mem_v, mem_valid, layout, impl: str):
+    """The stream part's (out, lse) merged with the memory part: the Pallas kernel on cuDNN's path."""
+    with jax.named_scope("memory_attention"):
+        view = _Chunked(layout, q.shape[1], mem_k, mem_v, mem_valid)
+        if (impl == "cudnn" and memory_merge.fits(layout.chunk_len, view.keys.shape[2], q.shape[-1])
+                and dm.triton_available()):
+            return memory_merge.merge_memory(q, out_s.astype(q.dtype), lse_s, view.keys, view.values, view.valid,
+                                             sink=layout.sink_len, chunk_len=layout.chunk_len)
+        return merge_parts(out_s, lse_s, *_memory_part(q, view), q.dtype)
+
+
 def _split_attention(layout, impl: str):
     @jax.custom_vjp
     def attention(q, k, v, mem_k, mem_v, kv_lengths, mem_valid):
@@ -203,14 +252,7 @@ def _split_attention(layout, impl: str):
     def forward(q, k, v, mem_k, mem_v, kv_lengths, mem_valid):
         with jax.named_scope("stream_attention"):
             out_s, lse_s = _causal_with_lse(q, k, v, kv_lengths, impl)
-        with jax.named_scope("memory_attention"):
-            view = _Chunked(layout, q.shape[1], mem_k, mem_v, mem_valid)
-            if (impl == "cudnn" and memory_merge.fits(layout.chunk_len, view.keys.shape[2], q.shape[-1])
-                    and dm.triton_available()):
-                out, lse = memory_merge.merge_memory(q, out_s.astype(q.dtype), lse_s, view.keys, view.values,
-                                                     view.valid, sink=layout.sink_len, chunk_len=layout.chunk_len)
-            else:
-                out, lse = merge_parts(out_s, lse_s, *_memory_part(q, view), q.dtype)
+        out, lse = _with_memory(q, out_s, lse_s, mem_k, mem_v, mem_valid, layout, impl)
         return out, (q, k, v, mem_k, mem_v, kv_lengths, mem_valid, out, lse)
 
     def backward(res, d_out):

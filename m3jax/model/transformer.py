@@ -28,10 +28,12 @@ class Block(nnx.Module):
         self.mlp = MLP(m.hidden_size, m.mlp_dim, std=m.init_std, dtype=dt, param_dtype=pdt, rngs=rngs,
                        decode_matmul=self.self_attn.decode_matmul)
 
-    def __call__(self, h, cos, sin, mask, memory_kv=None, collect=False, fused=None):
-        """fused: None, or this layer's `fuse_decode_weights` kernels (the state's are then placeholders)."""
+    def __call__(self, h, cos, sin, mask, memory_kv=None, collect=False, fused=None, sink_kv=None):
+        """fused: None, or this layer's `fuse_decode_weights` kernels (the state's are then placeholders);
+        sink_kv: as `Attention.__call__`."""
         fused = fused or {}
-        a, aux = self.self_attn(self.input_layernorm(h), cos, sin, mask, memory_kv, collect, fused.get("qkv"))
+        a, aux = self.self_attn(self.input_layernorm(h), cos, sin, mask, memory_kv, collect, fused.get("qkv"),
+                                sink_kv)
         h = h + a
         h = h + self.mlp(self.post_attention_layernorm(h), fused.get("gate_up"))
         return constrain(h, ("batch", "length", "embed")), aux
@@ -54,6 +56,14 @@ class Block(nnx.Module):
                                             update_cache=True, partials=True)
         h, x = add_and_norm(h, a, self.post_attention_layernorm, impl, next_weight=fused["gate_up"])
         return h, self.mlp.fused(x, fused["gate_up"], partials=True), cache_kv
+
+
+def _cache(x, sink, extra_slots: int):
+    """A layer's prefill cache: (B, T, Hkv, D) keys or values, after the sink's (S, Hkv, D) when given,
+    with extra_slots zero positions at the end."""
+    if sink is not None:
+        x = jnp.concatenate([jnp.broadcast_to(sink.astype(x.dtype), (x.shape[0], *sink.shape)), x], axis=1)
+    return jnp.pad(x, [(0, 0), (0, extra_slots), (0, 0), (0, 0)])
 
 
 _FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
@@ -143,19 +153,24 @@ class LayerStack(nnx.Module):
         state = nnx.state(self.blocks) if state is None else state
         return [fuse_decode_weights(jax.tree.map(lambda x, i=i: x[i], state)) for i in range(self.num_layers)]
 
-    def prefill_fused(self, h, cos, sin, mask, memory_kv, layer_states, extra_slots: int):
+    def prefill_fused(self, h, cos, sin, mask, memory_kv, layer_states, extra_slots: int, sink_kv=None):
         """`__call__(collect_kv=True)` as straight-line code over `layer_states()`, as decoding reads them: no
         slice of the stacked weights copied per layer, one product for q/k/v and one for gate/up. Returns
         (h, [(k, v) per layer]), each (B, T + extra_slots, Hkv, D): the caches `decode_fused` updates, with
-        extra_slots zero positions at the end (room for decoding and memories)."""
+        extra_slots zero positions at the end (room for decoding and memories).
+        sink_kv: None, or per layer the sink's (k, v) each (S, Hkv, D) when h is a stream without the sink
+        (`Memory3.sink_kv`): each layer's queries also see them, and its cache starts with them (S + T +
+        extra_slots positions)."""
         graphdef, _ = nnx.split(self.blocks)
         cache = []
         for i, (layer_state, fused) in enumerate(layer_states):
             kv = None if memory_kv is None else (memory_kv[0][i], memory_kv[1][i])
+            sink = None if sink_kv is None else sink_kv[i]
             with jax.named_scope("layer"):
-                h, aux = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, kv, collect=True, fused=fused)
-            pad = [(0, 0), (0, extra_slots), (0, 0), (0, 0)]
-            cache.append((jnp.pad(aux[2], pad), jnp.pad(aux[3], pad)))
+                h, aux = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, kv, collect=True, fused=fused,
+                                                          sink_kv=sink)
+            cache.append(tuple(_cache(x, None if sink is None else s, extra_slots)
+                               for x, s in zip(aux[2:], sink or (None, None))))
         return h, cache
 
     def decode(self, h, cos, sin, cache_kv, write_at, memory_valid=None):
