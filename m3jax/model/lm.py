@@ -207,14 +207,16 @@ class Memory3(nnx.Module):
             return s + t + (-t) % STREAM_MULTIPLE
         return s + t + (-(s + t)) % STREAM_MULTIPLE
 
-    def sink_kv(self, layer_states):
+    def sink_kv(self, layer_states=None):
         """The sink's keys (after RoPE) and values at every layer: per segment, a list of per-layer (k, v)
         each (S, Hkv, D). The sink reads no memory, so for given weights they are the same for every
         context; `prefill(sink_kv=...)` takes them instead of computing them for every prompt. They come
-        from the ordinary prefill of an empty context."""
+        from the ordinary prefill of an empty context (over layer_states when given, as `prefill`)."""
         s = sink_len(self.cfg)
         _, kv = self._forward(jnp.zeros((1, 0), jnp.int32), None, None, collect_kv=True,
                               layer_states=layer_states, room={False: 0, True: 0})
+        if layer_states is None:  # stacked (k, v) per segment
+            kv = [[(k[i], v[i]) for i in range(seg.num_layers)] for seg, (k, v) in zip(self.layers, kv)]
         return [[(k[0, :s], v[0, :s]) for k, v in seg_kv] for seg_kv in kv]
 
     def _forward(self, tokens, memory, padding_mask, collect_kv: bool, logits_at=None, layer_states=None,
