@@ -1,7 +1,7 @@
 """Decoding throughput with memory, without memory, and RAG, under the paper's protocol (Table 21).
 
     python benchmarks/decode_gpu.py [--config m3_2p4b] [--batch 32] [--refs 4096] [--json out.json]
-                                    [--sink_in_stream] [--profile_dir DIR]
+                                    [--sink_in_stream] [--compare_sink] [--profile_dir DIR]
 
 Batch 32, 128 prompt tokens, 128 new tokens, random weights of the config's shape (bf16 parameters
 and compute), greedy. With memory: 3 retrievals per sequence (the prompt's 2 chunks, then once after
@@ -12,7 +12,8 @@ bank reads, prefill and decoding), the median of --reps runs after a warmup run 
 
 With --profile_dir, one `generate` per mode (and one with a single new token: the prefill) is traced
 afterwards: the GPU kernels' time per kind, to see where a mode's device time goes (what memory adds).
-With --sink_in_stream, every prefill computes the sink again (`Generator(sink_apart=False)`).
+With --sink_in_stream, every prefill computes the sink again (`Generator(sink_apart=False)`);
+--compare_sink then times the stream without memory both ways, interleaved, on the same machine.
 
 Stream: `generate_many` over --stream_batches batches of --batch prompts, --in_flight at a time, so one
 batch's host work (BM25, bank reads) overlaps another's decoding; tokens/s = all new tokens / wall time.
@@ -71,6 +72,22 @@ def timeline(generations, start: float) -> dict:
             "events": [[i, phase, round(a, 4), round(b, 4)] for i, phase, a, b in events]}
 
 
+def compare_sink(generator, stream, args) -> dict:
+    """Tokens/s of the stream without memory with the sink apart and in the stream, alternating (3 each)."""
+    out, default = {"apart": [], "in_stream": []}, generator.sink_apart
+    try:
+        for variant in ("in_stream", "apart") * 3:
+            generator.sink_apart = variant == "apart" and default
+            generator.generate(stream[0], args.new_tokens, mode="none")  # compiles the other prefill once
+            start = time.perf_counter()
+            generator.generate_many(stream, args.new_tokens, mode="none", in_flight=args.in_flight)
+            out[variant].append(len(stream) * args.batch * args.new_tokens / (time.perf_counter() - start))
+    finally:
+        generator.sink_apart = default
+    print("stream without memory by sink", json.dumps(out), flush=True)
+    return out
+
+
 def run(args) -> dict:
     cfg = config_lib.load(args.config, {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16"})
     model = load_model(cfg, "random:0")
@@ -117,6 +134,8 @@ def run(args) -> dict:
                                       **timeline(outs, start)}
             print(mode, json.dumps({k: v for k, v in result[mode].items() if k != "stream"}),
                   json.dumps({k: v for k, v in result[mode]["stream"].items() if k != "events"}), flush=True)
+        if args.compare_sink:
+            result["none"]["stream_by_sink"] = compare_sink(generator, stream, args)
         if args.profile_dir:
             for mode in ("none", "memory"):
                 for name, new_tokens in (("profile", args.new_tokens), ("prefill_profile", 1)):
@@ -146,6 +165,7 @@ def main() -> None:
     parser.add_argument("--stream_batches", type=int, default=6)
     parser.add_argument("--in_flight", type=int, default=2)
     parser.add_argument("--sink_in_stream", action="store_true", help="compute the sink with every prompt")
+    parser.add_argument("--compare_sink", action="store_true", help="also time the stream without memory both ways")
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile_dir", default=None, help="trace one generate per mode and report its kernels")
     args = parser.parse_args()

@@ -2,7 +2,7 @@
 tokens, no memory) and, with --profile_dir, the GPU kernels that take its time.
 
     python benchmarks/prefill_gpu.py [--config m3_2p4b] [--batch 32] [--prompt 128] [--attention auto]
-                                     [--memory] [--sink_in_stream] [--profile_dir DIR]
+                                     [--memory] [--sink_in_stream] [--compare_sink] [--profile_dir DIR]
 
 Times `Generator.generate(prompts, 1, mode="none")`: the prompt read into the KV cache and the first new
 token (its "prefill" seconds, no decoding loop); median of 10 calls after a compiling one.
@@ -10,7 +10,7 @@ token (its "prefill" seconds, no decoding loop); median of 10 calls after a comp
 device (each chunk reads refs_per_chunk x tokens_per_head of them at every memory layer): what memory
 adds to the device's prefill, with no retrieval or bank read.
 --sink_in_stream: every prefill computes the sink again (`Generator(sink_apart=False)`), as before the
-sink's keys and values were computed once.
+sink's keys and values were computed once; --compare_sink times both, alternating, on the same machine.
 """
 from __future__ import annotations
 
@@ -51,6 +51,23 @@ def memory_prefill_ms(cfg, gen, prompts) -> dict:
                 prefill, memory, mem.refs_per_chunk * mem.tokens_per_head) * 1e3, 2)}
 
 
+def compare_sink(gen, prompts, cfg=None) -> dict:
+    """`generate`'s prefill ms (and with cfg, the jitted prefills') with the sink apart and in the stream,
+    alternating."""
+    out, default = {}, gen.sink_apart
+    try:
+        for variant in ("in_stream", "apart") * 2:
+            gen.sink_apart = variant == "apart" and default
+            gen.generate(prompts, 1, mode="none")  # compiles
+            times = [gen.generate(prompts, 1, mode="none").seconds["prefill"] for _ in range(10)]
+            out.setdefault(variant, []).append(round(float(np.median(times)) * 1e3, 2))
+            if cfg:
+                out.setdefault(f"{variant}_jitted", []).append(memory_prefill_ms(cfg, gen, prompts))
+    finally:
+        gen.sink_apart = default
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="m3_2p4b")
@@ -59,6 +76,7 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", help="model.attention: the prompt's attention kernel")
     parser.add_argument("--memory", action="store_true", help="also time the jitted prefill with random memories")
     parser.add_argument("--sink_in_stream", action="store_true", help="compute the sink with every prompt")
+    parser.add_argument("--compare_sink", action="store_true", help="time the prefill both ways")
     parser.add_argument("--profile_dir", default=None)
     args = parser.parse_args()
     cfg = config_lib.load(args.config, {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
@@ -72,6 +90,8 @@ def main() -> None:
            "prefill_ms": round(seconds * 1e3, 2)}
     if args.memory:
         out.update(memory_prefill_ms(cfg, gen, prompts))
+    if args.compare_sink:
+        out["prefill_ms_by_sink"] = compare_sink(gen, prompts, args.memory and cfg)
     if args.profile_dir:
         with jax.profiler.trace(args.profile_dir):
             gen.generate(prompts, 1, mode="none")
