@@ -200,11 +200,14 @@ def _sink_part(q, sink_k, sink_v):
     sink_k, sink_v: (S, Hkv, D), the same for every row (the sink is a constant)."""
     b, t, hq, d = q.shape
     s, hkv, _ = sink_k.shape
-    qg = q.reshape(b, t, hkv, hq // hkv, d)
-    scores = jnp.einsum("bthgd,shd->bthgs", qg, sink_k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    qg = q.reshape(b, t, hkv, hq // hkv, d).astype(jnp.float32)
+    k, v = sink_k.astype(jnp.float32)[:, :, None], sink_v.astype(jnp.float32)[:, :, None]  # (S, Hkv, 1, D)
+    # A handful of keys, unrolled: products and sums that XLA fuses into passes over q and the output (an
+    # einsum would be a batched dot over kv heads, with q transposed for it)
+    scores = jnp.stack([jnp.sum(qg * k[j], axis=-1) for j in range(s)], axis=-1) * (d ** -0.5)
     lse = jax.nn.logsumexp(scores, axis=-1)
     probs = jnp.exp(scores - lse[..., None])
-    out = jnp.einsum("bthgs,shd->bthgd", probs, sink_v.astype(jnp.float32))
+    out = sum(probs[..., j, None] * v[j] for j in range(s))
     return out.reshape(b, t, hq, d), lse.reshape(b, t, hq)
 
 
