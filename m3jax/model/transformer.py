@@ -169,8 +169,8 @@ class LayerStack(nnx.Module):
             with jax.named_scope("layer"):
                 h, aux = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, kv, collect=True, fused=fused,
                                                           sink_kv=sink)
-            cache.append(tuple(_cache(x, None if sink is None else s, extra_slots)
-                               for x, s in zip(aux[2:], sink or (None, None))))
+            sink_k, sink_v = sink or (None, None)
+            cache.append((_cache(aux[2], sink_k, extra_slots), _cache(aux[3], sink_v, extra_slots)))
         return h, cache
 
     def decode(self, h, cos, sin, cache_kv, write_at, memory_valid=None):
