@@ -1,5 +1,6 @@
 """The memory part + merge kernel of split memory attention (Pallas, interpreted on the CPU) against the
-float64 loop reference of tests/naive.py, and against XLA's path in bf16."""
+float64 loop reference of tests/naive.py, and against XLA's path in bf16; and split attention with the
+sink's keys apart (generation's prefill), which merges them before the kernel does the memories."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import naive
 from m3jax import sharding
 from m3jax.model import memory_merge
-from m3jax.model.attention import attend
+from m3jax.model.attention import attend, attend_after_sink
 from m3jax.model.masks import context_mask
 from m3jax.model.split_attention import _causal_with_lse, _Chunked, _memory_part, merge_parts
 
@@ -119,6 +120,40 @@ def test_cudnn_split_attention_with_the_kernel_matches_naive():
     for name, g in zip(("q", "k", "v", "mem_k", "mem_v"), grads):
         g, w = np.asarray(g, np.float64), want_grads[name]
         assert np.linalg.norm(g - w) / np.linalg.norm(w) < 3e-2, name
+
+
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN runs on GPU only")
+
+
+@pytest.mark.parametrize("impl", ["xla_split", pytest.param("cudnn_split", marks=on_gpu)])
+@pytest.mark.parametrize("with_memory", [False, True])
+def test_attention_with_the_sink_apart_matches_naive(impl, with_memory):
+    """The stream without its sink, whose keys (the same for every row) are merged apart: what the naive
+    attention over [sink | stream] gives the stream's rows, with and without memories."""
+    cudnn = impl == "cudnn_split"
+    chunk_len = 64 if cudnn else 16
+    q, k, v, mem_k, mem_v, mem_valid, padding, _ = case(13, chunk_len=chunk_len, per_chunk=40 if cudnn else 5)
+    if not with_memory:
+        mem_valid[:] = False
+    k[:, :SINK], v[:, :SINK] = k[:1, :SINK], v[:1, :SINK]  # the sink is a constant
+    b, c, m, hkv, d = mem_k.shape
+    args = [jnp.asarray(x, jnp.bfloat16 if cudnn else jnp.float32) for x in (q, k, v, mem_k, mem_v)]
+    key_valid = np.concatenate([np.ones((b, SINK), bool), padding], 1)
+    want = naive.attention(*(np.asarray(x, np.float64) for x in args[:3]), key_valid, SINK, chunk_len,
+                           *(np.asarray(x, np.float64) for x in args[3:]), mem_valid, 1)[:, SINK:]
+    q, k, v, mem_k, mem_v = args
+    keys, values = k[:, SINK:], v[:, SINK:]
+    if with_memory:
+        mask = context_mask(jnp.asarray(padding), 0, chunk_len,
+                            (np.repeat(np.arange(c), m), jnp.asarray(mem_valid).reshape(b, -1), 1))
+        keys = jnp.concatenate([mem_k.reshape(b, c * m, hkv, d), keys], axis=1)
+        values = jnp.concatenate([mem_v.reshape(b, c * m, hkv, d), values], axis=1)
+    else:
+        mask = context_mask(jnp.asarray(padding), 0, chunk_len)
+    with jax.default_matmul_precision("highest"):
+        got = attend_after_sink(q[:, SINK:], keys, values, mask, (k[0, :SINK], v[0, :SINK]), impl)
+    tol = 3e-2 if cudnn else 1e-5
+    np.testing.assert_allclose(np.asarray(got, np.float32)[padding], want[padding], rtol=tol, atol=tol)
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (the CPU run forces 8 host devices)")
