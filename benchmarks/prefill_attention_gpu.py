@@ -9,7 +9,8 @@ in the causal mode with per-row key lengths that `attention.attend` uses. Micros
 kernel time from a profiler trace (the attention kernel and whatever XLA adds around it). "padded_to_N":
 the 132-position stream padded with masked positions to N before the call and cut back after.
 "sink_apart": 128 prompt positions in the fused kernel (with its log-sum-exp) and the 4 sink keys merged
-by log-sum-exp (`split_attention.causal_after_sink`), what a 132-position stream becomes with the sink apart.
+by log-sum-exp (`split_attention.causal_after_sink`): what the 136-position stream (4 sink + 128 prompt
+tokens, padded to a multiple of 8) becomes with the sink apart.
 """
 from __future__ import annotations
 
