@@ -269,8 +269,8 @@ class Generator:
             out.append(np.asarray(new_tokens))
             token, write_at, done = new_tokens[:, -1], write_at + steps, done + steps
             took("decode", t0)
-        return Generation([self._until_eos(row) for row in np.concatenate(out, axis=1)], prompts, retrievals,
-                          seconds, events)
+        return Generation([self._until_eos(row) for row in np.concatenate(out, axis=1).tolist()], prompts,
+                          retrievals, seconds, events)
 
     # ---- helpers ------------------------------------------------------------------------------
     def _sink_keys_values(self):
@@ -313,6 +313,5 @@ class Generator:
             front += ref
         return front + prompt
 
-    def _until_eos(self, row):
-        row = list(map(int, row))
+    def _until_eos(self, row: list[int]) -> list[int]:
         return row[:row.index(self.eos_id) + 1] if self.eos_id in row else row
