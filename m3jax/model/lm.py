@@ -223,26 +223,26 @@ class Memory3(nnx.Module):
                  room=None, sink_kv=None):
         """tokens: checked by the caller (`_check_tokens`, once: on concrete ids it is a pass over them).
         layer_states, room, sink_kv: as `prefill` (per-layer weights; cache positions after the stream by
-        is_memory; the sink's keys and values, so that the stream leaves the sink out)."""
+        is_memory; the sink's keys and values, so that the layers' stream leaves the sink out)."""
         b, t = tokens.shape
         if logits_at is not None and jnp.shape(logits_at) != (b,):
             raise ValueError(f"logits_at has shape {jnp.shape(logits_at)}, expected ({b},): one position per row")
         s = sink_len(self.cfg)
-        if sink_kv is not None:
-            return self._forward_after_sink(tokens, memory, padding_mask, logits_at, layer_states, room, sink_kv)
+        lead = s if sink_kv is None else 0  # sink positions in the stream the layers read
         padding_mask = _checked_padding(padding_mask, b, t)
-        extra = self._stream_len(t) - s - t
-        stream = jnp.concatenate([jnp.broadcast_to(self.sink_ids(), (b, s)), tokens,
+        extra = self._stream_len(t, sink_apart=sink_kv is not None) - s - t
+        stream = jnp.concatenate([jnp.broadcast_to(self.sink_ids()[:lead], (b, lead)), tokens,
                                   jnp.full((b, extra), self.cfg.model.pad_id, jnp.int32)], axis=1)
         padding_mask = jnp.concatenate([padding_mask.astype(bool), jnp.zeros((b, extra), bool)], axis=1)
-        cos, sin = rope_angles(self.stream_positions(t + extra), self.cfg.model.head_dim, self.cfg.model.rope_theta)
-        mask = context_mask(padding_mask, s, self.cfg.memory.chunk_len)
+        cos, sin = rope_angles(self.position_of(jnp.arange(s - lead, s + t + extra)), self.cfg.model.head_dim,
+                               self.cfg.model.rope_theta)
+        mask = context_mask(padding_mask, lead, self.cfg.memory.chunk_len)
         if memory is not None:
             mem_k, mem_v, mem_chunk, mem_valid = self._memory_layout(memory, b, t)
             group = memory.token_group
             if group is not None:
                 group = jnp.concatenate([jnp.asarray(group, jnp.int32), jnp.full((b, extra), -1, jnp.int32)], axis=1)
-            mem_mask = context_mask(padding_mask, s, self.cfg.memory.chunk_len,
+            mem_mask = context_mask(padding_mask, lead, self.cfg.memory.chunk_len,
                                     (mem_chunk, mem_valid, memory.window, group))
         h = self._embed(stream)
         kv = []
@@ -252,41 +252,13 @@ class Memory3(nnx.Module):
             if layer_states is None:
                 h, seg_kv = seg(h, cos, sin, seg_mask, seg_memory, collect_kv=collect_kv)
             else:
-                h, seg_kv = seg.prefill_fused(h, cos, sin, seg_mask, seg_memory, layer_states[i], room[seg.is_memory])
+                h, seg_kv = seg.prefill_fused(h, cos, sin, seg_mask, seg_memory, layer_states[i], room[seg.is_memory],
+                                              None if sink_kv is None else sink_kv[i])
             kv.append(seg_kv)
         if logits_at is not None:
-            last = jnp.take_along_axis(h, (s + jnp.asarray(logits_at, jnp.int32))[:, None, None], axis=1)
+            last = jnp.take_along_axis(h, (lead + jnp.asarray(logits_at, jnp.int32))[:, None, None], axis=1)
             return self._logits(self.norm(last))[:, 0], kv
-        return self._logits(self.norm(h[:, s:s + t])), kv
-
-    def _forward_after_sink(self, tokens, memory, padding_mask, logits_at, layer_states, room, sink_kv):
-        """`_forward` of a prefill whose stream leaves the sink out: the tokens (padded to a multiple of
-        STREAM_MULTIPLE) at stream indices S.., each layer merging the sink's given keys and values."""
-        b, t = tokens.shape
-        s, chunk = sink_len(self.cfg), self.cfg.memory.chunk_len
-        padding_mask = _checked_padding(padding_mask, b, t)
-        extra = self._stream_len(t, sink_apart=True) - s - t
-        tokens = jnp.concatenate([tokens, jnp.full((b, extra), self.cfg.model.pad_id, jnp.int32)], axis=1)
-        padding_mask = jnp.concatenate([padding_mask.astype(bool), jnp.zeros((b, extra), bool)], axis=1)
-        cos, sin = rope_angles(self.position_of(s + jnp.arange(t + extra)), self.cfg.model.head_dim,
-                               self.cfg.model.rope_theta)
-        mask = context_mask(padding_mask, 0, chunk)
-        if memory is not None:
-            if memory.token_group is not None:
-                raise ValueError("prefill with sink_kv takes memories by chunk, not by token_group")
-            mem_k, mem_v, mem_chunk, mem_valid = self._memory_layout(memory, b, t)
-            mem_mask = context_mask(padding_mask, 0, chunk, (mem_chunk, mem_valid, memory.window))
-        h = self._embed(tokens)
-        kv = []
-        for i, seg in enumerate(self.layers):
-            seg_memory = (mem_k, mem_v) if seg.is_memory and memory is not None else None
-            h, seg_kv = seg.prefill_fused(h, cos, sin, mask if seg_memory is None else mem_mask, seg_memory,
-                                          layer_states[i], room[seg.is_memory], sink_kv[i])
-            kv.append(seg_kv)
-        if logits_at is not None:
-            last = jnp.take_along_axis(h, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
-            return self._logits(self.norm(last))[:, 0], kv
-        return self._logits(self.norm(h[:, :t])), kv
+        return self._logits(self.norm(h[:, lead:lead + t])), kv
 
     def _memory_layout(self, memory: MemoryInputs, b: int, t: int):
         """MemoryInputs -> per-layer keys/values (layers, B, Nm, Hkv, D), slot chunk ids, slot validity."""
