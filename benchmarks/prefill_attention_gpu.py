@@ -9,7 +9,7 @@ in the causal mode with per-row key lengths that `attention.attend` uses. Micros
 kernel time from a profiler trace (the attention kernel and whatever XLA adds around it). "padded_to_N":
 the 132-position stream padded with masked positions to N before the call and cut back after.
 "sink_apart": 128 prompt positions in the fused kernel (with its log-sum-exp) and the 4 sink keys merged
-by log-sum-exp (`split_attention.causal_after_sink`): what the 136-position stream (4 sink + 128 prompt
+by log-sum-exp (`split_attention.attention_after_sink`): what the 136-position stream (4 sink + 128 prompt
 tokens, padded to a multiple of 8) becomes with the sink apart.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 import gpu_trace  # benchmarks/, beside this script
-from m3jax.model.split_attention import causal_after_sink
+from m3jax.model.masks import AttentionMask
+from m3jax.model.split_attention import attention_after_sink
 
 B, HQ, HKV, D = 32, 40, 8, 80
 
@@ -35,7 +36,7 @@ def us_per_call(length: int, layers: int, pad_to: int | None = None, reps: int =
 
     def attend(q, k, v):
         if sink:
-            return causal_after_sink(q, k, v, lengths, sink_kv[0], sink_kv[1], "cudnn")[0]
+            return attention_after_sink(q, k, v, AttentionMask(lengths), sink_kv[0], sink_kv[1], "cudnn")
         if pad_to:
             pad = [(0, 0), (0, pad_to - length), (0, 0), (0, 0)]
             q, k, v = (jnp.pad(x, pad) for x in (q, k, v))

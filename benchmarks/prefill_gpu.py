@@ -91,7 +91,7 @@ def main() -> None:
     if args.memory:
         out.update(memory_prefill_ms(cfg, gen, prompts))
     if args.compare_sink:
-        out["prefill_ms_by_sink"] = compare_sink(gen, prompts, args.memory and cfg)
+        out["prefill_ms_by_sink"] = compare_sink(gen, prompts, cfg if args.memory else None)
     if args.profile_dir:
         with jax.profiler.trace(args.profile_dir):
             gen.generate(prompts, 1, mode="none")

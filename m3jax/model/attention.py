@@ -61,17 +61,14 @@ SINK_APART = ("xla_split", "cudnn_split")  # the kernels that can take the sink'
 
 def attend_after_sink(q, k, v, mask: AttentionMask, sink_kv, impl: str):
     """`attend` for a stream without the sink, whose keys and values sink_kv ((S, Hkv, D) each, the same
-    for every row) every query also sees: merged by log-sum-exp (split_attention.causal_after_sink).
+    for every row) every query also sees: merged by log-sum-exp (split_attention.attention_after_sink).
     For inference (no gradient); only the split kernels take it."""
-    from m3jax.model.split_attention import causal_after_sink, memory_attention_after_sink
+    from m3jax.model.split_attention import attention_after_sink
     if impl not in SINK_APART:
         raise ValueError(f"attention with the sink apart needs one of {SINK_APART}, not {impl!r}")
-    impl = impl.removesuffix("_split")
-    if mask.memory_valid is not None:
-        if mask.layout is None:
-            raise ValueError("attention with the sink apart needs memory with a static layout (no token groups)")
-        return memory_attention_after_sink(q, k, v, mask, *sink_kv, impl)
-    return causal_after_sink(q, k, v, mask.kv_lengths, *sink_kv, impl)[0]
+    if mask.memory_valid is not None and mask.layout is None:
+        raise ValueError("attention with the sink apart needs memory with a static layout (no token groups)")
+    return attention_after_sink(q, k, v, mask, *sink_kv, impl.removesuffix("_split"))
 
 
 def attend(q, k, v, mask: AttentionMask, impl: str):

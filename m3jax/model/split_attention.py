@@ -211,29 +211,25 @@ def _sink_part(q, sink_k, sink_v):
     return out.reshape(b, t, hq, d), lse.reshape(b, t, hq)
 
 
-def causal_after_sink(q, k, v, kv_lengths, sink_k, sink_v, impl: str):
-    """Prompt attention with the sink's keys apart (inference: no gradient): q, k, v (B, T, H, D) of the
-    tokens after the sink, causal over the first kv_lengths of them, and every query also sees the S sink
-    keys (S, Hkv, D), in one softmax. Returns (out (B, T, Hq, D) in q's dtype, lse (B, T, Hq) f32).
+def attention_after_sink(q, k, v, mask: AttentionMask, sink_k, sink_v, impl: str):
+    """Prompt attention with the sink's keys apart (inference: no gradient): q (B, T, Hq, D) of the tokens
+    after the sink; k, v (B, [Nm +] T, Hkv, D), with a memory layer's memory keys first (as
+    `split_memory_attention` takes them, under a mask whose static layout has no sink); every query also
+    sees the S sink keys (S, Hkv, D), the same for every row, in one softmax. Returns (B, T, Hq, D).
 
     Why: the fused kernel works in tiles of 128 positions; a 128-token prompt behind a 4-token sink is a
     136-position stream (padded to a multiple of 8) and costs what 256 do (benchmarks/RESULTS.md), so the
     sink is merged by log-sum-exp instead (and the layers' products skip its rows)."""
-    out_c, lse_c = _causal_with_lse(q, k, v, kv_lengths, impl)
-    return merge_parts(out_c, lse_c, *_sink_part(q, sink_k, sink_v), q.dtype)
-
-
-def memory_attention_after_sink(q, k, v, mask: AttentionMask, sink_k, sink_v, impl: str):
-    """`causal_after_sink` at a memory layer: k, v (B, Nm + T, Hkv, D) with the memory keys first, as
-    `split_memory_attention` takes them, and a mask whose static layout has no sink (sink_len 0)."""
-    layout, t = mask.layout, q.shape[1]
-    nm = len(layout.slot_chunks)
-    if layout.sink_len != 0 or k.shape[1] != nm + t:
+    t = q.shape[1]
+    nm = 0 if mask.memory_valid is None else len(mask.layout.slot_chunks)
+    if (nm and mask.layout.sink_len != 0) or k.shape[1] != nm + t:
         raise ValueError(f"attention after the sink needs a layout without sink and {nm} memory keys then {t} "
-                         f"stream keys, got sink_len {layout.sink_len} and {k.shape[1]} keys")
+                         f"stream keys, got {k.shape[1]} keys")
     out_c, lse_c = _causal_with_lse(q, k[:, nm:], v[:, nm:], mask.kv_lengths, impl)
+    if not nm:
+        return merge_parts(out_c, lse_c, *_sink_part(q, sink_k, sink_v), q.dtype)[0]
     out_s, lse_s = merge_parts(out_c, lse_c, *_sink_part(q, sink_k, sink_v), jnp.float32)
-    return _with_memory(q, out_s, lse_s, k[:, :nm], v[:, :nm], mask.memory_valid, layout, impl)[0]
+    return _with_memory(q, out_s, lse_s, k[:, :nm], v[:, :nm], mask.memory_valid, mask.layout, impl)[0]
 
 
 def _with_memory(q, out_s, lse_s, mem_k, mem_v, mem_valid, layout, impl: str):
