@@ -5,6 +5,8 @@
 # the whole fits a 600 s call; what a step prints goes to $OUT/<step>.log (and decode.json), and a
 # step's exit status is printed, so a late failure keeps the earlier figures.
 #   benchmarks/sink_apart_gpu.sh            (OUT defaults to ./sink_apart_out)
+# The GPU image lacks ml_collections, bm25s and pytest: carry their wheels in .whl/ and install them first,
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site:$PWD
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT="$(mkdir -p "${OUT:-sink_apart_out}" && cd "${OUT:-sink_apart_out}" && pwd)"
