@@ -347,3 +347,9 @@ def test_prefill_with_the_sink_apart_equals_the_prefill_through_it(with_memory):
         model.prefill(tokens, cache_len=48, sink_kv=sink)
     with pytest.raises(ValueError, match="attention with the sink apart needs one of"):
         exact.prefill(tokens, cache_len=48, layer_states=[seg.layer_states() for seg in exact.layers], sink_kv=sink)
+    # sink_kv not made for this model (a segment missing; a shorter sink): named, before any work
+    with pytest.raises(ValueError, match=r"one \(k, v\) per layer"):
+        model.prefill(tokens, cache_len=48, layer_states=layer_states, sink_kv=sink[:-1])
+    short = [[(k[1:], v[1:]) for k, v in seg_sink] for seg_sink in sink]
+    with pytest.raises(ValueError, match=r"sink_kv\[0\]\[0\] must be \(k, v\) each of shape"):
+        model.prefill(tokens, cache_len=48, layer_states=layer_states, sink_kv=short)

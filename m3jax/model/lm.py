@@ -136,6 +136,8 @@ class Memory3(nnx.Module):
             raise ValueError(f"cache_len={cache_len} is shorter than the prompt's stream ({stream} positions)")
         if sink_kv is not None and layer_states is None:
             raise ValueError("prefill with sink_kv runs over per-layer weights: pass layer_states too")
+        if sink_kv is not None:
+            self._check_sink_kv(sink_kv)
         room = {False: cache_len - stream, True: cache_len - stream + memory_slots}  # by segment.is_memory
         logits, kv = self._forward(tokens, memory, padding_mask, collect_kv=True, logits_at=logits_at,
                                    layer_states=layer_states, room=room, sink_kv=sink_kv)
@@ -218,6 +220,23 @@ class Memory3(nnx.Module):
         if layer_states is None:  # stacked (k, v) per segment
             kv = [[(k[i], v[i]) for i in range(seg.num_layers)] for seg, (k, v) in zip(self.layers, kv)]
         return [[(k[0, :s], v[0, :s]) for k, v in seg_kv] for seg_kv in kv]
+
+    def _check_sink_kv(self, sink_kv) -> None:
+        """A clear error unless sink_kv has `sink_kv()`'s structure and shapes for this model."""
+        m = self.cfg.model
+        want = (sink_len(self.cfg), m.num_kv_heads, m.head_dim)
+        layers = [seg.num_layers for seg in self.layers]
+        got = [len(seg_kv) if isinstance(seg_kv, (list, tuple)) else None for seg_kv in sink_kv] \
+            if isinstance(sink_kv, (list, tuple)) else None
+        if got != layers:
+            raise ValueError(f"sink_kv must hold, per segment of the stack, one (k, v) per layer ({layers}), as "
+                             f"Memory3.sink_kv() returns them for this model; got {got or type(sink_kv).__name__}")
+        for i, seg_kv in enumerate(sink_kv):
+            for j, pair in enumerate(seg_kv):
+                shapes = [jnp.shape(x) for x in pair] if isinstance(pair, (list, tuple)) else None
+                if shapes != [want, want]:
+                    raise ValueError(f"sink_kv[{i}][{j}] must be (k, v) each of shape {want} (sink tokens, kv heads, "
+                                     f"head dim) for this model, got {shapes or type(pair).__name__}")
 
     def _forward(self, tokens, memory, padding_mask, collect_kv: bool, logits_at=None, layer_states=None,
                  room=None, sink_kv=None):
