@@ -1,6 +1,6 @@
 """Decoding throughput with memory, without memory, and RAG, under the paper's protocol (Table 21).
 
-    python benchmarks/decode_gpu.py [--config m3_2p4b] [--batch 32] [--refs 4096] [--json out.json]
+    python benchmarks/decode_gpu.py [--config m3_2p4b] [--batch 32] [--refs 4096] [--json out.json] [--attention auto]
                                     [--sink_in_stream] [--compare_sink] [--profile_dir DIR]
 
 Batch 32, 128 prompt tokens, 128 new tokens, random weights of the config's shape (bf16 parameters
@@ -89,7 +89,8 @@ def compare_sink(generator, stream, args) -> dict:
 
 
 def run(args) -> dict:
-    cfg = config_lib.load(args.config, {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16"})
+    cfg = config_lib.load(args.config, {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
+                                        "model.attention": args.attention})
     model = load_model(cfg, "random:0")
     rng = np.random.default_rng(0)
     ref_len = cfg.memory.reference_len
@@ -164,6 +165,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--stream_batches", type=int, default=6)
     parser.add_argument("--in_flight", type=int, default=2)
+    parser.add_argument("--attention", default="auto", help="model.attention: the prompt's attention kernel")
     parser.add_argument("--sink_in_stream", action="store_true", help="compute the sink with every prompt")
     parser.add_argument("--compare_sink", action="store_true", help="also time the stream without memory both ways")
     parser.add_argument("--json", default=None)
