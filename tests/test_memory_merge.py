@@ -178,3 +178,16 @@ def test_under_a_mesh_each_device_merges_its_own_rows():
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
     assert "shard_map" in str(jax.make_jaxpr(sharded)(*(jnp.asarray(x) for x in (q, k, v, mem_k, mem_v))))
+
+
+@pytest.mark.parametrize("sink", [4, 0])
+def test_the_kernel_lowers_for_a_gpu(sink):
+    # no GPU here: lower the kernel for CUDA (Pallas -> Triton IR) without compiling it, at generation's
+    # prefill shapes (m3_2p4b's heads, chunks of 64, 5 references x 8 tokens), with the sink in the
+    # stream and merged apart (sink 0: the layout the prefill with the sink apart gives the kernel)
+    b, t, hq, hkv, d, w = 2, 128, 40, 8, 80, 40
+    rows = jnp.zeros((b, sink + t, hq, d), jnp.bfloat16)
+    memory = jnp.zeros((b, t // 64, w, hkv, d), jnp.bfloat16)
+    args = (rows, rows, jnp.zeros((b, sink + t, hq), jnp.float32), memory, memory, jnp.ones((b, t // 64, w), bool))
+    run = lambda *a: memory_merge.merge_memory(*a, sink=sink, chunk_len=64, interpret=False)  # noqa: E731
+    assert "triton" in jax.jit(run).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
