@@ -107,9 +107,11 @@ def same_weights(model, **model_overrides):
 
 
 # per-layer weights and caches (with the XLA or the Pallas cache attention), or a scan over stacked ones;
-# the split prompt attention reads prompts with the sink apart (its keys and values computed once)
+# the split prompt attention and splash (TPU's; interpreted here) read prompts with the sink apart (its keys
+# and values computed once)
 @pytest.mark.parametrize("unroll,attention,prompt_attention", [
-    (True, "xla", "auto"), (True, "pallas", "auto"), (False, "xla", "auto"), (True, "xla", "xla_split")])
+    (True, "xla", "auto"), (True, "pallas", "auto"), (False, "xla", "auto"), (True, "xla", "xla_split"),
+    (True, "xla", "splash")])
 def test_cached_generation_with_memory_equals_full_recomputation(setup, unroll, attention, prompt_attention):
     cfg, model, source, _retriever, (_, _, bank) = setup
     rng = np.random.default_rng(1)
@@ -119,7 +121,7 @@ def test_cached_generation_with_memory_equals_full_recomputation(setup, unroll, 
     if (attention, prompt_attention) != ("xla", "auto"):  # the same weights, other kernels
         decoder = same_weights(model, decode_attention=attention, attention=prompt_attention)
     generator = Generator(decoder, source, eos_id=-1, unroll_layers=unroll)
-    assert generator.sink_apart == (prompt_attention == "xla_split")
+    assert generator.sink_apart == (prompt_attention in ("xla_split", "splash"))
     result = generator.generate(prompts, max_new, mode="memory")
     for prompt, got in zip(prompts, result.tokens):
         assert got == reference_generate(cfg, model, list(map(int, prompt)), max_new, bank)

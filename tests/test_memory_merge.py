@@ -125,7 +125,7 @@ def test_cudnn_split_attention_with_the_kernel_matches_naive():
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN runs on GPU only")
 
 
-@pytest.mark.parametrize("impl", ["xla_split", pytest.param("cudnn_split", marks=on_gpu)])
+@pytest.mark.parametrize("impl", ["xla_split", "splash", pytest.param("cudnn_split", marks=on_gpu)])
 @pytest.mark.parametrize("with_memory", [False, True])
 def test_attention_with_the_sink_apart_matches_naive(impl, with_memory):
     """The stream without its sink, whose keys (the same for every row) are merged apart: what the naive

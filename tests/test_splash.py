@@ -10,7 +10,7 @@ from m3jax.model import attention
 from m3jax.model.attention import attend, resolve_impl
 from m3jax.model.lm import Memory3, MemoryInputs
 from m3jax.model.masks import MemoryLayout, context_mask
-from m3jax.model.splash import static_mask
+from m3jax.model.splash import splash_attention, static_mask
 
 SINK, CHUNK, HQ, HKV, D = 3, 16, 4, 2, 16
 
@@ -112,6 +112,49 @@ def test_model_with_splash_equals_exact_sharded():
         got = forward(state, tokens, padding, memory)
     real = np.asarray(padding)
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-4, rtol=1e-4)
+
+
+def test_log_sum_exp_matches_the_scores_sharded_or_not():
+    """with_lse (generation's prefill merges the sink's keys through it): each query's log-sum-exp over its
+    allowed scaled scores (float64 by hand), the output unchanged; the same under a (data 2, fsdp 2,
+    tensor 2) mesh, where the kernel runs under shard_map over batch and heads."""
+    q, k, v, mask = _case(2, 6, 1)
+    out, lse = splash_attention(q, k, v, mask, with_lse=True)
+    np.testing.assert_allclose(out, splash_attention(q, k, v, mask), atol=1e-6)
+    allowed = np.asarray(mask.to_dense(q.shape[1], k.shape[1]))[:, 0]  # (B, Tq, Tk)
+    keys = np.repeat(np.asarray(k, np.float64), HQ // HKV, axis=2)  # query head h reads kv head h // G
+    scores = np.einsum("bqhd,bkhd->bqhk", np.asarray(q, np.float64), keys) / np.sqrt(D)
+    scores = np.where(allowed[:, :, None], scores, -np.inf)
+    top = scores.max(-1)
+    want = top + np.log(np.exp(scores - top[..., None]).sum(-1))  # (B, Tq, Hq)
+    assert lse.shape == want.shape and np.isfinite(want).all()  # every query (padded ones too) reads some key
+    np.testing.assert_allclose(lse, want, atol=1e-5, rtol=1e-5)
+    mesh = sharding.make_mesh((2, 2, 2))
+
+    @jax.jit
+    def sharded(q, k, v):
+        with sharding.constraints(mesh):
+            return splash_attention(q, k, v, mask, with_lse=True)
+
+    with jax.set_mesh(mesh):
+        got_out, got_lse = sharded(q, k, v)
+    np.testing.assert_allclose(got_out, out, atol=1e-6)
+    np.testing.assert_allclose(got_lse, lse, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_chunk", [0, 40])
+def test_the_kernel_with_its_log_sum_exp_lowers_for_a_tpu(per_chunk):
+    # no TPU here: lower for it (Pallas -> Mosaic) without compiling, at generation's prefill shapes with the
+    # sink apart (m3_2p4b's heads, a 128-token prompt, chunks of 64, 5 references x 8 tokens each)
+    b, t, hq, hkv, d, chunks = 2, 128, 40, 8, 80, 2
+    memory = None
+    if per_chunk:
+        memory = (np.repeat(np.arange(chunks), per_chunk), jnp.ones((b, chunks * per_chunk), bool), 1)
+    mask = context_mask(jnp.ones((b, t), bool), 0, 64, memory)
+    q = jnp.zeros((b, t, hq, d), jnp.bfloat16)
+    k = jnp.zeros((b, chunks * per_chunk + t, hkv, d), jnp.bfloat16)
+    run = lambda q, k, v: splash_attention(q, k, v, mask, interpret=False, with_lse=True)  # noqa: E731
+    assert "tpu_custom_call" in jax.jit(run).trace(q, k, k).lower(lowering_platforms=("tpu",)).as_text()
 
 
 def test_splash_falls_back_to_exact_without_a_static_layout():

@@ -145,8 +145,9 @@ class Generator:
     unroll_layers: decode with the layers as straight-line code over unstacked copies of their weights
     (longer compile and a second copy of the layer weights; a step reads each weight once).
     sink_apart: compute the sink's keys and values once (they are the same for every prompt) and read
-    prompts without it, when the attention kernel can merge them (the split kernels, `model.attention`
-    auto on a GPU) and the layers are unrolled: the same results up to rounding, a shorter prefill.
+    prompts without it, when the attention kernel can merge them (the split kernels and splash:
+    `model.attention` auto on a GPU or a TPU) and the layers are unrolled: the same results up to
+    rounding, a shorter prefill.
     """
 
     def __init__(self, model, memory_source=None, *, eos_id: int = 2, unroll_layers: bool = True,

@@ -56,13 +56,14 @@ def exact_attention(q, k, v, mask):
     return out.reshape(b, tq, hq, d).astype(q.dtype)
 
 
-SINK_APART = ("xla_split", "cudnn_split")  # the kernels that can take the sink's keys apart (`attend_after_sink`)
+# the kernels that can take the sink's keys apart (`attend_after_sink`)
+SINK_APART = ("xla_split", "cudnn_split", "splash")
 
 
 def attend_after_sink(q, k, v, mask: AttentionMask, sink_kv, impl: str):
     """`attend` for a stream without the sink, whose keys and values sink_kv ((S, Hkv, D) each, the same
     for every row) every query also sees: merged by log-sum-exp (split_attention.attention_after_sink).
-    For inference (no gradient); only the split kernels take it."""
+    For inference (no gradient); the split kernels and splash take it."""
     from m3jax.model.split_attention import attention_after_sink
     if impl not in SINK_APART:
         raise ValueError(f"attention with the sink apart needs one of {SINK_APART}, not {impl!r}")

@@ -10,12 +10,15 @@ memory keys cost only the tiles where a chunk meets its own memories. What goes 
 - What differs **per batch row** (right padding of the stream, memory slots left empty by short
   references or missing retrievals) is key-side only, so it goes through the kernel's segment ids:
   every query has segment 0, a usable key 0, an unusable key 1. A query never loses all its keys:
-  every real query sees the sink, which is always valid.
+  every real query sees the stream's first key (the sink's, or with the sink apart the prompt's first
+  token), which is always valid.
 - Lengths are padded to whole kernel blocks; padded key columns are False in the static mask, padded
   query rows see the first sink key (their outputs are dropped).
 - With a sharding context (`m3jax.sharding.constraints`) the kernel runs under `shard_map`, batch over
   the mesh axes of `act_batch` and heads over those of `act_heads` when they divide; otherwise it is
   vmapped over the batch on one device.
+- Generation's prefill with the sink apart asks for each query's log-sum-exp too (`with_lse`), to merge
+  the sink's keys in afterwards (`split_attention.attention_after_sink`).
 - Off TPU the kernel runs in Pallas interpret mode (tests on the CPU). A dense mask without a layout
   (generation's per-row token groups) is not expressible statically: `attend` uses the exact path then.
 """
@@ -53,10 +56,11 @@ def static_mask(tq: int, num_memory: int, layout: MemoryLayout | None) -> np.nda
 
 
 @functools.lru_cache(maxsize=32)
-def _kernel(tq: int, num_memory: int, layout: MemoryLayout | None, heads: int, interpret: bool):
+def _kernel(tq: int, num_memory: int, layout: MemoryLayout | None, heads: int, interpret: bool, with_lse: bool):
     mask = mask_lib.NumpyMask(static_mask(tq, num_memory, layout))
     return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([mask] * heads), head_shards=1, q_seq_shards=1,
-                                      block_sizes=kernel_lib.BlockSizes.get_default(), interpret=interpret)
+                                      block_sizes=kernel_lib.BlockSizes.get_default(), interpret=interpret,
+                                      save_residuals=with_lse)
 
 
 def _key_usable(mask: AttentionMask, b: int, tq: int, num_memory: int):
@@ -67,11 +71,12 @@ def _key_usable(mask: AttentionMask, b: int, tq: int, num_memory: int):
     return jnp.concatenate([mask.memory_valid.astype(bool), stream], axis=1)
 
 
-def _local_attention(q, k, v, key_usable, *, num_memory: int, layout, interpret: bool):
-    """One device's share: q (b, Tq, H, D), k/v (b, Tk, Hkv, D), key_usable (b, Tk) -> (b, Tq, H, D)."""
+def _local_attention(q, k, v, key_usable, *, num_memory: int, layout, interpret: bool, with_lse: bool):
+    """One device's share: q (b, Tq, H, D), k/v (b, Tk, Hkv, D), key_usable (b, Tk) -> (b, Tq, H, D), and
+    with_lse its log-sum-exp (b, Tq, H) f32 too."""
     b, tq, hq, d = q.shape
     tk = k.shape[1]
-    kernel = _kernel(tq, num_memory, layout, hq, interpret)
+    kernel = _kernel(tq, num_memory, layout, hq, interpret, with_lse)
     tq_pad, tk_pad = round_up(tq, BLOCK), round_up(tk, BLOCK)
     q = jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), ((0, 0), (0, tq_pad - tq), (0, 0), (0, 0)))
     k = jnp.pad(k, ((0, 0), (0, tk_pad - tk), (0, 0), (0, 0)))
@@ -80,7 +85,10 @@ def _local_attention(q, k, v, key_usable, *, num_memory: int, layout, interpret:
     segments = kernel_lib.SegmentIds(q=jnp.zeros((b, tq_pad), jnp.int32), kv=kv_segment.astype(jnp.int32))
     out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(_heads_first(q), _heads_first(k),
                                                                        _heads_first(v), segments)
-    return _heads_first(out)[:, :tq]
+    if not with_lse:
+        return _heads_first(out)[:, :tq]
+    out, (lse,) = out  # lse (b, H, Tq_padded), of the scaled scores
+    return _heads_first(out)[:, :tq], jnp.swapaxes(lse, 1, 2)[:, :tq].astype(jnp.float32)
 
 
 def _heads_first(x):
@@ -93,11 +101,13 @@ def _on_tpu(mesh) -> bool:
     return device.platform == "tpu"
 
 
-def splash_attention(q, k, v, mask: AttentionMask, interpret: bool | None = None):
+def splash_attention(q, k, v, mask: AttentionMask, interpret: bool | None = None, with_lse: bool = False):
     """q: (B, Tq, Hq, D); k, v: (B, Nm + Tq, Hkv, D) -> (B, Tq, Hq, D), the keys `[memory | stream]`.
 
     mask carries the stream lengths and, with memory keys, its `layout` and `memory_valid`.
     interpret: None runs the compiled kernel when the target devices are TPUs, interpret mode otherwise.
+    with_lse (inference: no gradient): also the log-sum-exp of each query's scores, (B, Tq, Hq) f32, so
+    that keys outside the call can be merged in (generation's prefill with the sink apart).
     """
     b, tq, hq, _ = q.shape
     num_memory = k.shape[1] - tq
@@ -110,7 +120,8 @@ def splash_attention(q, k, v, mask: AttentionMask, interpret: bool | None = None
     mesh = context[0] if context is not None else None
     if interpret is None:
         interpret = not _on_tpu(mesh)
-    local = functools.partial(_local_attention, num_memory=num_memory, layout=layout, interpret=interpret)
+    local = functools.partial(_local_attention, num_memory=num_memory, layout=layout, interpret=interpret,
+                              with_lse=with_lse)
     usable = _key_usable(mask, b, tq, num_memory)
     if mesh is None:
         return local(q, k, v, usable)
@@ -120,5 +131,6 @@ def splash_attention(q, k, v, mask: AttentionMask, interpret: bool | None = None
     if heads is not None and sharding.mesh_axes(mesh, rules, "act_heads", k.shape[2]) is None:
         heads = None  # the KV heads must split the same way as the query heads
     act, keys = P(batch, None, heads, None), P(batch, None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(act, act, act, keys), out_specs=act,
+    out_specs = (act, P(batch, None, heads)) if with_lse else act
+    return jax.shard_map(local, mesh=mesh, in_specs=(act, act, act, keys), out_specs=out_specs,
                          check_vma=False)(q, k, v, usable)

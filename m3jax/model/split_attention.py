@@ -219,16 +219,23 @@ def attention_after_sink(q, k, v, mask: AttentionMask, sink_k, sink_v, impl: str
 
     Why: the fused kernel works in tiles of 128 positions; a 128-token prompt behind a 4-token sink is a
     136-position stream (padded to a multiple of 8) and costs what 256 do (benchmarks/RESULTS.md), so the
-    sink is merged by log-sum-exp instead (and the layers' products skip its rows)."""
+    sink is merged by log-sum-exp instead (and the layers' products skip its rows).
+    impl: `xla` or `cudnn` (the causal kernel over the prompt, then the memory part as the split attention
+    does it), or `splash` (TPU: one kernel over `[memory | prompt]` with its log-sum-exp; its 128-position
+    blocks make the same case)."""
     t = q.shape[1]
     nm = 0 if mask.memory_valid is None else len(mask.layout.slot_chunks)
     if (nm and mask.layout.sink_len != 0) or k.shape[1] != nm + t:
         raise ValueError(f"attention after the sink needs a layout without sink and {nm} memory keys then {t} "
                          f"stream keys, got {k.shape[1]} keys")
+    sink = _sink_part(q, sink_k, sink_v)
+    if impl == "splash":
+        from m3jax.model.splash import splash_attention  # imports Pallas TPU: only when chosen
+        return merge_parts(*splash_attention(q, k, v, mask, with_lse=True), *sink, q.dtype)[0]
     out_c, lse_c = _causal_with_lse(q, k[:, nm:], v[:, nm:], mask.kv_lengths, impl)
     if not nm:
-        return merge_parts(out_c, lse_c, *_sink_part(q, sink_k, sink_v), q.dtype)[0]
-    out_s, lse_s = merge_parts(out_c, lse_c, *_sink_part(q, sink_k, sink_v), jnp.float32)
+        return merge_parts(out_c, lse_c, *sink, q.dtype)[0]
+    out_s, lse_s = merge_parts(out_c, lse_c, *sink, jnp.float32)
     return _with_memory(q, out_s, lse_s, k[:, :nm], v[:, :nm], mask.memory_valid, mask.layout, impl)[0]
 
 
