@@ -157,6 +157,20 @@ def test_the_kernel_with_its_log_sum_exp_lowers_for_a_tpu(per_chunk):
     assert "tpu_custom_call" in jax.jit(run).trace(q, k, k).lower(lowering_platforms=("tpu",)).as_text()
 
 
+def test_a_kernel_made_under_a_jit_serves_later_calls():
+    """Kernels are cached by shape; one first made while a jit traced (a train step) must serve later calls
+    (an evaluation, eagerly or in another jit) instead of leaking that trace's values into them."""
+    from m3jax.model import splash
+    q, k, v, mask = _case(2, 6, 1)
+    splash._kernel.cache_clear()
+    first = jax.jit(lambda q, k, v: attend(q, k, v, mask, "splash"))(q, k, v)
+    assert splash._kernel.cache_info().currsize == 1
+    np.testing.assert_allclose(attend(q, k, v, mask, "splash"), first, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(lambda q, k, v: attend(q, k, v, mask, "splash") * 2)(q, k, v), 2 * first,
+                               atol=1e-6)
+    assert splash._kernel.cache_info().hits == 2
+
+
 def test_splash_falls_back_to_exact_without_a_static_layout():
     """Per-row token groups (generation) cannot be a static mask: the exact path answers instead."""
     q, k, v, mask = _case(2, 3, 1)

@@ -58,9 +58,12 @@ def static_mask(tq: int, num_memory: int, layout: MemoryLayout | None) -> np.nda
 @functools.lru_cache(maxsize=32)
 def _kernel(tq: int, num_memory: int, layout: MemoryLayout | None, heads: int, interpret: bool, with_lse: bool):
     mask = mask_lib.NumpyMask(static_mask(tq, num_memory, layout))
-    return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([mask] * heads), head_shards=1, q_seq_shards=1,
-                                      block_sizes=kernel_lib.BlockSizes.get_default(), interpret=interpret,
-                                      save_residuals=with_lse)
+    # The kernel keeps its mask's block tables as arrays, and this cache keeps the kernel: made under a jit's
+    # trace they would be that trace's values, leaked into every later use. Made eagerly, they are constants.
+    with jax.ensure_compile_time_eval():
+        return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([mask] * heads), head_shards=1, q_seq_shards=1,
+                                          block_sizes=kernel_lib.BlockSizes.get_default(), interpret=interpret,
+                                          save_residuals=with_lse)
 
 
 def _key_usable(mask: AttentionMask, b: int, tq: int, num_memory: int):
