@@ -13,7 +13,7 @@ memory keys cost only the tiles where a chunk meets its own memories. What goes 
   every real query sees the stream's first key (the sink's, or with the sink apart the prompt's first
   token), which is always valid.
 - Lengths are padded to whole kernel blocks; padded key columns are False in the static mask, padded
-  query rows see the first sink key (their outputs are dropped).
+  query rows see the stream's first key (their outputs are dropped).
 - With a sharding context (`m3jax.sharding.constraints`) the kernel runs under `shard_map`, batch over
   the mesh axes of `act_batch` and heads over those of `act_heads` when they divide; otherwise it is
   vmapped over the batch on one device.
