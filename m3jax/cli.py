@@ -27,6 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from m3jax import config as config_lib
+from m3jax import platforms
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (or a name in configs/: tiny, small, "
                                           "m3_0p92b, m3_2p4b); override fields with --config.model.x=y.")
@@ -419,6 +420,7 @@ def _resolve_config_arg(argv):
 
 
 def main(argv) -> None:
+    platforms.choose()  # no libtpu start-up (and its warnings) on a host without TPU or accelerator plugin
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend-probing INFO lines off the console
     name = " ".join(argv[1:])
     if name not in COMMANDS:
