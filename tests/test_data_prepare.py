@@ -1,4 +1,5 @@
 """`prepare` on synthetic documents: arrays, tokenizer, references, retrieval with the leakage filter."""
+import os
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 from m3jax import config as config_lib
 from m3jax.data.loader import StepLoader
 from m3jax.data.prepare import open_prepared, prepare
-from m3jax.data.tokenizer import Tokenizer
+from m3jax.data.tokenizer import Tokenizer, sample
 from m3jax.retrieval.leakage import overlap
 from synthetic_data import synthetic
 
@@ -138,3 +139,41 @@ def test_pack_and_unpack_round_trip(prepared, tmp_path):
     with pytest.raises(ValueError, match="ref_tokens.npy.xz"):
         unpack(tmp_path / "packed", tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+# trains a vocabulary on a sample of a corpus larger than the sample, in a fresh process, and prints its hash
+_TRAIN = """
+import hashlib, random, sys
+from m3jax.data import tokenizer
+rng = random.Random(7)
+words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7))) for _ in range(400)]
+lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(3000)]
+path = tokenizer.train(lines, sys.argv[1], vocab_size=300, max_sentences=1000, seed=int(sys.argv[2]))
+print(hashlib.sha256(path.read_bytes()).hexdigest())
+"""
+
+
+def test_the_vocabulary_is_the_same_in_every_process(tmp_path):
+    """Prepared data must be reproducible: a sampled corpus (more lines than max_sentences) gives the same
+    model in two processes (SentencePiece's own sampling did not, whatever its seed), another seed another."""
+    def trained(name, seed):
+        out = subprocess.run([sys.executable, "-c", _TRAIN, str(tmp_path / name), str(seed)], capture_output=True,
+                             text=True, env={**os.environ, "PYTHONHASHSEED": "random"})
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+    first = trained("a.model", 0)
+    assert trained("b.model", 0) == first
+    assert trained("c.model", 1) != first
+
+
+def test_sample_is_uniform_and_reproducible():
+    texts = [str(i) for i in range(1000)]
+    picks = sample(texts, 100, seed=3)
+    assert len(picks) == len(set(picks)) == 100 and set(picks) <= set(texts)
+    assert picks == sample(iter(texts), 100, seed=3) and picks != sample(texts, 100, seed=4)
+    assert sample(texts[:50], 100, seed=3) == texts[:50]  # fewer than k: all, in order
+    # uniform: each text is kept with probability 0.1; over 200 seeds, the first and last tenths alike
+    counts = np.zeros(1000)
+    for seed in range(200):
+        counts[[int(t) for t in sample(texts, 100, seed)]] += 1
+    assert abs(counts[:100].mean() - 20) < 2 and abs(counts[-100:].mean() - 20) < 2

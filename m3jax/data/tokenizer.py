@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pathlib
+import random
 from typing import Iterable
 
 import sentencepiece as spm
@@ -21,21 +22,37 @@ REFERENCE_PREFIX = (BOS, 4)
 
 def train(texts: Iterable[str], path: str | pathlib.Path, vocab_size: int, max_sentences: int = 2_000_000,
           seed: int = 0) -> pathlib.Path:
-    """Train on `texts` (one sentence or line per item) and write the model to `path` atomically."""
+    """Train on `texts` (one sentence or line per item; at most max_sentences of them, sampled with `seed`)
+    and write the model to `path` atomically. The same texts and seed give the same model."""
     path = pathlib.Path(path)
-    spm.set_random_generator_seed(seed)  # sentence sampling is random: fix it
+    # SentencePiece's own sampling of input sentences differs from process to process whatever its seed
+    # (sentencepiece 0.2), so prepared data was not reproducible: the sample is drawn here instead.
+    texts = sample(texts, max_sentences, seed)
+    spm.set_random_generator_seed(seed)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="unigram",
         pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=UNK, user_defined_symbols=[REFERENCE_PIECE],
         byte_fallback=True, character_coverage=0.9995, input_sentence_size=max_sentences,
-        shuffle_input_sentence=True, num_threads=2, minloglevel=2,
+        shuffle_input_sentence=False, num_threads=2, minloglevel=2,
         max_sentence_length=8192, hard_vocab_limit=False)  # small corpora may support fewer pieces
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(model.getvalue())
     tmp.replace(path)
     return path
+
+
+def sample(texts: Iterable[str], k: int, seed: int) -> list[str]:
+    """k of the texts chosen uniformly at random (all of them if fewer), reproducibly for a seed: reservoir
+    sampling in one pass, so the corpus is never held whole."""
+    rng, kept = random.Random(seed), []
+    for i, text in enumerate(texts):
+        if i < k:
+            kept.append(text)
+        elif (j := rng.randrange(i + 1)) < k:
+            kept[j] = text
+    return kept
 
 
 class Tokenizer:
