@@ -10,7 +10,8 @@ kernel time from a profiler trace (the attention kernel and whatever XLA adds ar
 the 132-position stream padded with masked positions to N before the call and cut back after.
 "sink_apart": 128 prompt positions in the fused kernel (with its log-sum-exp) and the 4 sink keys merged
 by log-sum-exp (`split_attention.attention_after_sink`): what the 136-position stream (4 sink + 128 prompt
-tokens, padded to a multiple of 8) becomes with the sink apart.
+tokens, padded to a multiple of 8) becomes with the sink apart; "merge": by the memory merge kernel
+(generation's way on a GPU) or by XLA's passes.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import gpu_trace  # benchmarks/, beside this script
+from m3jax.model import split_attention
 from m3jax.model.masks import AttentionMask
 from m3jax.model.split_attention import attention_after_sink
 
@@ -67,8 +69,13 @@ def main() -> None:
         us = us_per_call(132, args.layers, pad_to)
         print(json.dumps({"length": 132, "padded_to": pad_to, "us_per_call": round(us, 2)}), flush=True)
     if args.sink_apart:
-        us = us_per_call(128, args.layers, sink=args.sink_apart)
-        print(json.dumps({"length": 128, "sink_apart": args.sink_apart, "us_per_call": round(us, 2)}), flush=True)
+        by_kernel = split_attention._merges_by_kernel
+        for merge in ("kernel", "xla"):
+            split_attention._merges_by_kernel = by_kernel if merge == "kernel" else (lambda _: False)
+            us = us_per_call(128, args.layers, sink=args.sink_apart)
+            print(json.dumps({"length": 128, "sink_apart": args.sink_apart, "merge": merge,
+                              "us_per_call": round(us, 2)}), flush=True)
+        split_attention._merges_by_kernel = by_kernel
 
 
 if __name__ == "__main__":

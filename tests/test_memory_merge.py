@@ -8,7 +8,7 @@ import pytest
 
 import naive
 from m3jax import sharding
-from m3jax.model import memory_merge
+from m3jax.model import memory_merge, split_attention
 from m3jax.model.attention import attend, attend_after_sink
 from m3jax.model.masks import context_mask
 from m3jax.model.split_attention import _causal_with_lse, _Chunked, _memory_part, merge_parts
@@ -125,11 +125,18 @@ def test_cudnn_split_attention_with_the_kernel_matches_naive():
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN runs on GPU only")
 
 
-@pytest.mark.parametrize("impl", ["xla_split", "splash", pytest.param("cudnn_split", marks=on_gpu)])
+@pytest.mark.parametrize("impl", ["xla_split", "xla_split+kernel", "splash", pytest.param("cudnn_split", marks=on_gpu)])
 @pytest.mark.parametrize("with_memory", [False, True])
-def test_attention_with_the_sink_apart_matches_naive(impl, with_memory):
+def test_attention_with_the_sink_apart_matches_naive(impl, with_memory, monkeypatch):
     """The stream without its sink, whose keys (the same for every row) are merged apart: what the naive
-    attention over [sink | stream] gives the stream's rows, with and without memories."""
+    attention over [sink | stream] gives the stream's rows, with and without memories. `+kernel`: the
+    sink (and memory) merged by the memory merge kernel, as on cuDNN's path (interpreted here)."""
+    calls, by_kernel = [], impl.endswith("+kernel")
+    if by_kernel:
+        impl = impl.removesuffix("+kernel")
+        monkeypatch.setattr(split_attention, "_merges_by_kernel", lambda _: True)
+        merge = memory_merge.merge_memory
+        monkeypatch.setattr(memory_merge, "merge_memory", lambda *a, **kw: calls.append(a[3].shape) or merge(*a, **kw))
     cudnn = impl == "cudnn_split"
     chunk_len = 64 if cudnn else 16
     q, k, v, mem_k, mem_v, mem_valid, padding, _ = case(13, chunk_len=chunk_len, per_chunk=40 if cudnn else 5)
@@ -154,6 +161,8 @@ def test_attention_with_the_sink_apart_matches_naive(impl, with_memory):
         got = attend_after_sink(q[:, SINK:], keys, values, mask, (k[0, :SINK], v[0, :SINK]), impl)
     tol = 3e-2 if cudnn else 1e-5
     np.testing.assert_allclose(np.asarray(got, np.float32)[padding], want[padding], rtol=tol, atol=tol)
+    if by_kernel:  # one kernel call, every chunk reading [sink | its memory] (48 rows: 1 chunk of 64 without memory)
+        assert calls == [(b, c if with_memory else 1, SINK + m * with_memory, hkv, d)]
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (the CPU run forces 8 host devices)")
@@ -180,12 +189,12 @@ def test_under_a_mesh_each_device_merges_its_own_rows():
     assert "shard_map" in str(jax.make_jaxpr(sharded)(*(jnp.asarray(x) for x in (q, k, v, mem_k, mem_v))))
 
 
-@pytest.mark.parametrize("sink", [4, 0])
-def test_the_kernel_lowers_for_a_gpu(sink):
+@pytest.mark.parametrize("sink, w", [(4, 40), (0, 44), (0, 4)])
+def test_the_kernel_lowers_for_a_gpu(sink, w):
     # no GPU here: lower the kernel for CUDA (Pallas -> Triton IR) without compiling it, at generation's
     # prefill shapes (m3_2p4b's heads, chunks of 64, 5 references x 8 tokens), with the sink in the
-    # stream and merged apart (sink 0: the layout the prefill with the sink apart gives the kernel)
-    b, t, hq, hkv, d, w = 2, 128, 40, 8, 80, 40
+    # stream (4), and merged apart (0) by the kernel with the memory (4 sink + 40 keys a chunk) or alone
+    b, t, hq, hkv, d = 2, 128, 40, 8, 80
     rows = jnp.zeros((b, sink + t, hq, d), jnp.bfloat16)
     memory = jnp.zeros((b, t // 64, w, hkv, d), jnp.bfloat16)
     args = (rows, rows, jnp.zeros((b, sink + t, hq), jnp.float32), memory, memory, jnp.ones((b, t // 64, w), bool))

@@ -220,8 +220,8 @@ def attention_after_sink(q, k, v, mask: AttentionMask, sink_k, sink_v, impl: str
     Why: the fused kernel works in tiles of 128 positions; a 128-token prompt behind a 4-token sink is a
     136-position stream (padded to a multiple of 8) and costs what 256 do (benchmarks/RESULTS.md), so the
     sink is merged by log-sum-exp instead (and the layers' products skip its rows).
-    impl: `xla` or `cudnn` (the causal kernel over the prompt, then the memory part as the split attention
-    does it), or `splash` (TPU: one kernel over `[memory | prompt]` with its log-sum-exp; its 128-position
+    impl: `xla` or `cudnn` (the causal kernel over the prompt, then the sink and memory parts: on cuDNN's
+    path one memory merge kernel call, `merge_sink_by_kernel`; in XLA as the split attention does it), or `splash` (TPU: one kernel over `[memory | prompt]` with its log-sum-exp; its 128-position
     blocks make the same case)."""
     t = q.shape[1]
     nm = 0 if mask.memory_valid is None else len(mask.layout.slot_chunks)
@@ -233,10 +233,52 @@ def attention_after_sink(q, k, v, mask: AttentionMask, sink_k, sink_v, impl: str
         from m3jax.model.splash import splash_attention  # imports Pallas TPU: only when chosen
         return merge_parts(*splash_attention(q, k, v, mask, with_lse=True), *sink, q.dtype)[0]
     out_c, lse_c = _causal_with_lse(q, k[:, nm:], v[:, nm:], mask.kv_lengths, impl)
+    if _merges_by_kernel(impl):
+        merged = merge_sink_by_kernel(q, out_c, lse_c, sink_k, sink_v, k[:, :nm], v[:, :nm], mask)
+        if merged is not None:
+            return merged
     if not nm:
         return merge_parts(out_c, lse_c, *sink, q.dtype)[0]
     out_s, lse_s = merge_parts(out_c, lse_c, *sink, jnp.float32)
     return _with_memory(q, out_s, lse_s, k[:, :nm], v[:, :nm], mask.memory_valid, mask.layout, impl)[0]
+
+
+SINK_CHUNK = 64  # rows a kernel program merges the sink into, at a layer without memory
+
+
+def _merges_by_kernel(impl: str) -> bool:
+    """Whether the sink (and memory) merge after the causal part is the Pallas kernel: on cuDNN's path."""
+    return impl == "cudnn" and dm.triton_available()
+
+
+def merge_sink_by_kernel(q, out_c, lse_c, sink_k, sink_v, mem_k, mem_v, mask: AttentionMask,
+                         interpret: bool | None = None):
+    """The sink's keys, and a memory layer's memory keys, merged into the causal part's (out_c, lse_c) by
+    one memory merge kernel call, every chunk reading `[sink | its memory keys]`: one pass over the rows,
+    where the sink part and its merge in XLA took several (benchmarks/RESULTS.md). None where the
+    kernel does not take the shape (the caller then merges in XLA)."""
+    b, t, _, d = q.shape
+    s, hkv, _ = sink_k.shape
+    if mask.memory_valid is None:
+        chunk_len = SINK_CHUNK
+        chunks, mem_keys, mem_values, mem_valid = -(-t // chunk_len), [], [], []
+    else:
+        view = _Chunked(mask.layout, t, mem_k, mem_v, mask.memory_valid)
+        chunk_len, chunks = mask.layout.chunk_len, view.chunks
+        mem_keys, mem_values, mem_valid = [view.keys.astype(q.dtype)], [view.values.astype(q.dtype)], [view.valid]
+    slots = s + sum(x.shape[2] for x in mem_keys)
+    if not memory_merge.fits(chunk_len, slots, d):
+        return None
+
+    def every_chunk(x):  # (S, Hkv, D) -> (B, C, S, Hkv, D): the sink is the same for every row and chunk
+        return jnp.broadcast_to(x.astype(q.dtype), (b, chunks, s, hkv, d))
+
+    keys = jnp.concatenate([every_chunk(sink_k), *mem_keys], axis=2)
+    values = jnp.concatenate([every_chunk(sink_v), *mem_values], axis=2)
+    valid = jnp.concatenate([jnp.ones((b, chunks, s), bool), *mem_valid], axis=2)
+    with jax.named_scope("sink_and_memory_merge"):
+        return memory_merge.merge_memory(q, out_c.astype(q.dtype), lse_c, keys, values, valid, sink=0,
+                                         chunk_len=chunk_len, interpret=interpret)[0]
 
 
 def _with_memory(q, out_s, lse_s, mem_k, mem_v, mem_valid, layout, impl: str):
