@@ -69,13 +69,13 @@ def main() -> None:
         us = us_per_call(132, args.layers, pad_to)
         print(json.dumps({"length": 132, "padded_to": pad_to, "us_per_call": round(us, 2)}), flush=True)
     if args.sink_apart:
-        by_kernel = split_attention._merges_by_kernel
+        default = split_attention.SINK_MERGE_BY_KERNEL
         for merge in ("kernel", "xla"):
-            split_attention._merges_by_kernel = by_kernel if merge == "kernel" else (lambda _: False)
+            split_attention.SINK_MERGE_BY_KERNEL = merge == "kernel"
             us = us_per_call(128, args.layers, sink=args.sink_apart)
             print(json.dumps({"length": 128, "sink_apart": args.sink_apart, "merge": merge,
                               "us_per_call": round(us, 2)}), flush=True)
-        split_attention._merges_by_kernel = by_kernel
+        split_attention.SINK_MERGE_BY_KERNEL = default
 
 
 if __name__ == "__main__":

@@ -244,11 +244,13 @@ def attention_after_sink(q, k, v, mask: AttentionMask, sink_k, sink_v, impl: str
 
 
 SINK_CHUNK = 64  # rows a kernel program merges the sink into, at a layer without memory
+# On cuDNN's path, merge the sink (and memory) into the causal part by the memory merge kernel, in one
+# pass, rather than by XLA's passes (benchmarks/prefill_attention_gpu.py times both)
+SINK_MERGE_BY_KERNEL = True
 
 
 def _merges_by_kernel(impl: str) -> bool:
-    """Whether the sink (and memory) merge after the causal part is the Pallas kernel: on cuDNN's path."""
-    return impl == "cudnn" and dm.triton_available()
+    return SINK_MERGE_BY_KERNEL and impl == "cudnn" and dm.triton_available()
 
 
 def merge_sink_by_kernel(q, out_c, lse_c, sink_k, sink_v, mem_k, mem_v, mask: AttentionMask,
