@@ -221,8 +221,9 @@ def attention_after_sink(q, k, v, mask: AttentionMask, sink_k, sink_v, impl: str
     136-position stream (padded to a multiple of 8) and costs what 256 do (benchmarks/RESULTS.md), so the
     sink is merged by log-sum-exp instead (and the layers' products skip its rows).
     impl: `xla` or `cudnn` (the causal kernel over the prompt, then the sink and memory parts: on cuDNN's
-    path one memory merge kernel call, `merge_sink_by_kernel`; in XLA as the split attention does it), or `splash` (TPU: one kernel over `[memory | prompt]` with its log-sum-exp; its 128-position
-    blocks make the same case)."""
+    path one memory merge kernel call, `merge_sink_by_kernel`; in XLA as the split attention does it),
+    or `splash` (TPU: one kernel over `[memory | prompt]` with its log-sum-exp; its 128-position blocks
+    make the same case)."""
     t = q.shape[1]
     nm = 0 if mask.memory_valid is None else len(mask.layout.slot_chunks)
     if (nm and mask.layout.sink_len != 0) or k.shape[1] != nm + t:
