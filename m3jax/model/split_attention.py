@@ -229,15 +229,16 @@ def attention_after_sink(q, k, v, mask: AttentionMask, sink_k, sink_v, impl: str
     if (nm and mask.layout.sink_len != 0) or k.shape[1] != nm + t:
         raise ValueError(f"attention after the sink needs a layout without sink and {nm} memory keys then {t} "
                          f"stream keys, got {k.shape[1]} keys")
-    sink = _sink_part(q, sink_k, sink_v)
     if impl == "splash":
         from m3jax.model.splash import splash_attention  # imports Pallas TPU: only when chosen
-        return merge_parts(*splash_attention(q, k, v, mask, with_lse=True), *sink, q.dtype)[0]
+        return merge_parts(*splash_attention(q, k, v, mask, with_lse=True), *_sink_part(q, sink_k, sink_v),
+                           q.dtype)[0]
     out_c, lse_c = _causal_with_lse(q, k[:, nm:], v[:, nm:], mask.kv_lengths, impl)
     if _merges_by_kernel(impl):
         merged = merge_sink_by_kernel(q, out_c, lse_c, sink_k, sink_v, k[:, :nm], v[:, :nm], mask)
         if merged is not None:
             return merged
+    sink = _sink_part(q, sink_k, sink_v)
     if not nm:
         return merge_parts(out_c, lse_c, *sink, q.dtype)[0]
     out_s, lse_s = merge_parts(out_c, lse_c, *sink, jnp.float32)
@@ -250,8 +251,13 @@ SINK_CHUNK = 64  # rows a kernel program merges the sink into, at a layer withou
 SINK_MERGE_BY_KERNEL = True
 
 
+def _kernel_path(impl: str) -> bool:
+    """Whether merges after the causal part may be the Pallas kernel: on cuDNN's path, with Pallas' Triton."""
+    return impl == "cudnn" and dm.triton_available()
+
+
 def _merges_by_kernel(impl: str) -> bool:
-    return SINK_MERGE_BY_KERNEL and impl == "cudnn" and dm.triton_available()
+    return SINK_MERGE_BY_KERNEL and _kernel_path(impl)
 
 
 def merge_sink_by_kernel(q, out_c, lse_c, sink_k, sink_v, mem_k, mem_v, mask: AttentionMask,
@@ -288,8 +294,7 @@ def _with_memory(q, out_s, lse_s, mem_k, mem_v, mem_valid, layout, impl: str):
     """The stream part's (out, lse) merged with the memory part: the Pallas kernel on cuDNN's path."""
     with jax.named_scope("memory_attention"):
         view = _Chunked(layout, q.shape[1], mem_k, mem_v, mem_valid)
-        if (impl == "cudnn" and memory_merge.fits(layout.chunk_len, view.keys.shape[2], q.shape[-1])
-                and dm.triton_available()):
+        if _kernel_path(impl) and memory_merge.fits(layout.chunk_len, view.keys.shape[2], q.shape[-1]):
             return memory_merge.merge_memory(q, out_s.astype(q.dtype), lse_s, view.keys, view.values, view.valid,
                                              sink=layout.sink_len, chunk_len=layout.chunk_len)
         return merge_parts(out_s, lse_s, *_memory_part(q, view), q.dtype)
